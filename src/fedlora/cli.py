@@ -1,0 +1,121 @@
+"""Command line: a thin layer over fedlora's Python API.
+
+    fedlora demo                         # embedded SmolLM2-135M, FedIT vs local-only vs zero-shot vs baseline
+    fedlora run CONFIG [--set a.b=v ...] # one method
+    fedlora compare CONFIG --methods fedit,local --seeds 2
+    fedlora datasets | fedlora models | fedlora methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+DEMO_METHODS = ["fedit", "local"]
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Configs shipped inside the package, by name (e.g. 'demo')."""
+    folder = resources.files("fedlora") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def _config_path(name: str) -> Path:
+    path = Path(name)
+    if path.exists() or name.endswith((".yaml", ".yml")):
+        return path
+    shipped = shipped_configs()
+    if name in shipped:
+        return shipped[name]
+    raise SystemExit(f"error: no config file {name!r} and no shipped config of that name "
+                     f"(shipped: {', '.join(sorted(shipped))})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning of LLMs.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-round lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_overrides(p):
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set fl.rounds=3 (repeatable)")
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+        return p
+
+    p = with_overrides(sub.add_parser("run", help="run one method from a YAML config"))
+    p.add_argument("config", help="YAML file, or the name of a shipped config (e.g. demo)")
+    p = with_overrides(sub.add_parser("compare", help="run several methods on identical partitions"))
+    p.add_argument("config")
+    p.add_argument("--methods", default="fedit,local", help="comma-separated method names")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    p = with_overrides(sub.add_parser("demo", help="the main job on embedded defaults (SmolLM2-135M, offline)"))
+    p.add_argument("--methods", default=",".join(DEMO_METHODS))
+    sub.add_parser("datasets", help="list built-in datasets")
+    sub.add_parser("models", help="list the models fedlora can load offline")
+    sub.add_parser("methods", help="list registered federated methods")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "peft", "urllib3", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _print_rows(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*[str(v) for v in row.values()])
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    from fedlora.config import ConfigError, load_config
+    from fedlora.data import DataError
+    from fedlora.model import ModelError
+
+    try:
+        if args.command == "datasets":
+            from fedlora.data import list_builtins
+
+            _print_rows(list_builtins(), "built-in datasets (or pass any CSV/Parquet/JSONL path)")
+        elif args.command == "models":
+            from fedlora.model import list_models
+
+            _print_rows(list_models(), "models (or pass any Hugging Face id, local directory or .gguf file)")
+        elif args.command == "methods":
+            from fedlora.fl.methods import available_methods, method_class
+
+            _print_rows([{"name": m, "paper": method_class(m).paper or "-",
+                          "personalized": method_class(m).personalized} for m in available_methods()],
+                        "federated methods")
+        else:
+            from fedlora.experiment import compare, run
+
+            config = _config_path("demo" if args.command == "demo" else args.config)
+            cfg = load_config(config, args.overrides)
+            if args.command == "run":
+                out = run(cfg, quiet=args.quiet)
+            else:
+                methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+                seeds = [cfg.seed + k for k in range(getattr(args, "seeds", 1))]
+                out = compare(cfg, methods, seeds=seeds, quiet=args.quiet)
+            print(f"results: {out}")
+    except (ConfigError, DataError, ModelError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted command-line overrides.
+
+A config is a tree of dataclasses. Unknown keys and wrong types fail early with a message that
+names the key and lists the valid ones, so a typo in a YAML file never silently falls back to a
+default.
+
+>>> cfg = load_config(None, ["fl.rounds=3", "partition.num_clients=2"])
+>>> cfg.fl.rounds, cfg.partition.num_clients
+(3, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """'smollm2-135m' (embedded, offline), 'tiny' (random Llama for tests), a Hugging Face id, a local
+    directory, or a .gguf file."""
+    device: str = "auto"
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+    dtype: str = "auto"
+    """'auto' (bf16 on CUDA when supported, fp32 on CPU), 'float32', 'bfloat16', 'float16'."""
+    num_threads: int | None = None
+    """CPU threads for torch; None keeps torch's default."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DataConfig:
+    source: str = "breast-cancer"
+    """A built-in name ('breast-cancer', 'german-credit'), or a path to .csv, .parquet or .jsonl."""
+    target: str | None = None
+    """Target column; built-ins know theirs; required for user CSV/Parquet ('label' for JSONL)."""
+    columns: list[str] | None = None
+    """Feature columns to keep (in this order); None keeps all."""
+    max_rows: int | None = None
+    """Keep at most this many rows (a seeded stratified sample); None keeps all."""
+    number_format: str = "digits"
+    """'digits' (fixed significant digits) or 'quantile' (words such as 'low', 'high' learned from
+    each client's own training rows)."""
+    digits: int = 3
+    quantile_bins: int = 5
+    max_rare_fraction: float = 0.01
+    """Categories rarer than this share of rows are grouped as 'other'. 0 disables grouping."""
+    max_length: int = 384
+    """Token cap for one serialized example; longer prompts are cut from the left of the features."""
+    global_test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "dirichlet"
+    """'iid', 'dirichlet' (label skew), 'quantity' (size skew), or 'column' (natural split)."""
+    num_clients: int = 4
+    alpha: float = 0.5
+    """Dirichlet concentration for label or quantity skew; smaller is more skewed."""
+    column: str | None = None
+    """Column whose values define clients when scheme='column'."""
+    min_rows: int = 10
+    """Every client gets at least this many rows (re-drawn otherwise)."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-4
+    batch_size: int = 8
+    micro_batch_size: int | None = None
+    """Split each batch into micro-batches of this size (gradient accumulation); None = no split."""
+    local_steps: int = 5
+    local_epochs: float | None = None
+    """If set, overrides local_steps with ceil(epochs * rows / batch_size)."""
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    optimizer_state: str = "reset"
+    """'reset' (fresh AdamW moments every round) or 'keep' (each client keeps its own across rounds)."""
+
+
+@dataclass
+class FLConfig:
+    method: str = "fedit"
+    rounds: int = 5
+    client_fraction: float = 1.0
+    """Share of clients sampled each round (at least one)."""
+    eval_every: int = 1
+    """Evaluate every k rounds (the last round is always evaluated). 0 = only at the end."""
+    method_args: dict[str, Any] = field(default_factory=dict)
+    """Method-specific options, documented in each method's docstring."""
+
+
+@dataclass
+class EvalConfig:
+    max_examples: int | None = None
+    """Cap on examples per evaluation set (seeded subsample); None = all."""
+    batch_size: int = 16
+    zero_shot: bool = True
+    """Score the untrained base model once before round 1."""
+    baseline: str = "logreg"
+    """Classical baseline on the same client splits: 'logreg', 'gboost' or 'none'."""
+    global_test: bool = True
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "data.number_format": {"digits", "quantile"},
+    "partition.scheme": {"iid", "dirichlet", "quantity", "column"},
+    "train.optimizer_state": {"reset", "keep"},
+    "eval.baseline": {"logreg", "gboost", "none"},
+}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type hint of `key`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, key) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, bool, str) and type(value) is hint:
+        return value
+    if hint is float and isinstance(value, str) and _FLOAT.match(value.strip()):
+        # YAML 1.1 reads 5e-4 (no decimal point) as a string; accept it as the number it is.
+        return float(value)
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping, rejecting unknown keys and wrong types."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+            if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
+                raise ConfigError(f"{key}: {value!r} is not one of {sorted(_CHOICES[key])}")
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. fl.rounds=3)")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that a type check cannot express."""
+    checks = [
+        (cfg.fl.rounds >= 1, "fl.rounds must be >= 1"),
+        (0 < cfg.fl.client_fraction <= 1, "fl.client_fraction must be in (0, 1]"),
+        (cfg.partition.num_clients >= 1, "partition.num_clients must be >= 1"),
+        (cfg.partition.alpha > 0, "partition.alpha must be > 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.local_steps >= 1, "train.local_steps must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.lora.r >= 1, "lora.r must be >= 1"),
+        (cfg.lora.target_modules, "lora.target_modules must name at least one module"),
+        (0 <= cfg.data.global_test_fraction < 1, "data.global_test_fraction must be in [0, 1)"),
+        (
+            0 <= cfg.data.val_fraction and 0 <= cfg.data.test_fraction
+            and cfg.data.val_fraction + cfg.data.test_fraction < 1,
+            "data.val_fraction + data.test_fraction must be < 1",
+        ),
+        (
+            cfg.partition.scheme != "column" or cfg.partition.column,
+            "partition.scheme=column needs partition.column (e.g. --set partition.column=age_band)",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,176 @@
+"""Run recipes: one method (`run`), or several on the same partitions (`compare`, `demo`).
+
+The CLI is a thin layer over these functions; a notebook can call them directly:
+
+>>> from fedlora import load_config, compare                       # doctest: +SKIP
+>>> out = compare(load_config("configs/demo.yaml"), ["fedit", "local"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from fedlora.config import RunConfig
+from fedlora.fl.engine import RunResult, Simulator
+from fedlora.fl.federation import Federation, prepare
+from fedlora.fl.methods import method_class
+from fedlora.model.lora import init_adapter_state, load_adapter_state, save_peft_adapter
+from fedlora.report.progress import RoundProgress
+from fedlora.report.summary import summarize, write_comparison
+from fedlora.train.baseline import classical_baseline
+from fedlora.train.evaluate import evaluate
+
+log = logging.getLogger("fedlora")
+
+
+def new_run_dir(cfg: RunConfig, label: str) -> Path:
+    """A fresh directory under output_dir; an existing one is never reused or overwritten."""
+    base = Path(cfg.output_dir) / (cfg.run_name or f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, k = base, 1
+    while path.exists():
+        path, k = base.with_name(f"{base.name}-{k}"), k + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def _write_json(path: Path, data) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a JSON file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _partition_info(fed: Federation) -> list[dict]:
+    classes = fed.table.classes
+    info = []
+    for client in fed.partition.clients:
+        counts = np.bincount(fed.table.labels[client.train], minlength=len(classes))
+        info.append({"client": client.client_id, "train": len(client.train), "val": len(client.val),
+                     "test": len(client.test), "train_classes": dict(zip(classes, counts.tolist()))})
+    return info
+
+
+def zero_shot(fed: Federation) -> list[dict]:
+    """The base model before any training (B = 0 makes the adapter a no-op)."""
+    model = fed.model
+    load_adapter_state(model, init_adapter_state(model, fed.cfg.seed))
+    bs = fed.cfg.eval.batch_size
+    rows = [{"client": i, "split": "test", **evaluate(model, c.test, fed.pad_id, bs)}
+            for i, c in enumerate(fed.clients)]
+    if fed.cfg.eval.global_test and len(fed.global_test):
+        rows.append({"client": "global", "split": "global_test",
+                     **evaluate(model, fed.global_test, fed.pad_id, bs)})
+    return [{**r, "round": 0, "method": "zero-shot"} for r in rows]
+
+
+def baseline(fed: Federation) -> list[dict]:
+    kind = fed.cfg.eval.baseline
+    rows = classical_baseline(fed.table, [c.rows["train"] for c in fed.clients],
+                              [c.rows["test"] for c in fed.clients], fed.global_rows, kind, fed.cfg.seed)
+    return [{**r, "round": 0, "method": f"baseline-{kind}"} for r in rows]
+
+
+def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
+               seed: int | None = None) -> RunResult:
+    """Run one method on a prepared federation, streaming metrics to `run_dir/metrics.jsonl`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    progress = RoundProgress(method, fed.cfg.fl.rounds, quiet=quiet)
+
+    def on_round(round_index: int, rows: list[dict]) -> None:
+        with metrics_path.open("a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, default=_jsonable) + "\n")
+        progress.update(round_index, rows)
+
+    started = time.perf_counter()
+    result = Simulator(fed, method, seed=seed, on_round=on_round, progress=not quiet).run()
+    progress.close()
+    _save_adapters(fed, result, run_dir / "adapters")
+    summary = summarize(result.rows, method, method_class(method).personalized)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    _write_json(run_dir / "summary.json", summary)
+    from fedlora.report.plots import plot_rounds
+
+    plot_rounds(result.rows, run_dir / "plots", title=method)
+    return result
+
+
+def _save_adapters(fed: Federation, result: RunResult, folder: Path) -> None:
+    """Final adapters in PEFT format: the global one, or each client's personal one."""
+    method = method_class(result.method)(**fed.cfg.fl.method_args)
+    state = result.state
+    global_adapter = method.global_adapter(state.server)
+    if global_adapter is not None and not method.personalized:
+        save_peft_adapter(fed.model, global_adapter, folder / "global")
+    else:
+        for cid, client_state in enumerate(state.clients):
+            save_peft_adapter(fed.model, method.personal_adapter(state.server, client_state), folder / f"client_{cid}")
+
+
+def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> tuple[Path, Federation]:
+    run_dir = new_run_dir(cfg, label)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    fed = fed or prepare(cfg)
+    _write_json(run_dir / "partition.json", _partition_info(fed))
+    if not quiet:
+        from rich.console import Console
+
+        from fedlora.data import partition_summary
+
+        Console().print(partition_summary(fed.table, fed.partition))
+    return run_dir, fed
+
+
+def run(cfg: RunConfig, quiet: bool = False, fed: Federation | None = None) -> Path:
+    """`fedlora run`: one method (cfg.fl.method); returns the run directory."""
+    method_class(cfg.fl.method)  # fail on a bad name before loading anything
+    run_dir, fed = _start(cfg, cfg.fl.method, quiet, fed)
+    run_method(fed, cfg.fl.method, run_dir, quiet=quiet)
+    log.info("run directory: %s", run_dir)
+    return run_dir
+
+
+def compare(cfg: RunConfig, methods: list[str], seeds: list[int] | None = None, quiet: bool = False,
+            fed: Federation | None = None) -> Path:
+    """Several methods on identical partitions and initial adapters, plus zero-shot and the baseline.
+
+    With several seeds, each seed re-partitions the data and re-initializes the adapters; every
+    method sees the same partition within a seed. Writes one sub-directory per (method, seed) and
+    `comparison.json`, `comparison.md` and `comparison.png` at the top.
+    """
+    for m in methods:
+        method_class(m)
+    seeds = seeds or [cfg.seed]
+    run_dir, fed = _start(replace(cfg, seed=seeds[0]), "compare", quiet, fed)
+    per_seed: list[dict[str, list[dict]]] = []
+    for seed in seeds:
+        if seed != fed.cfg.seed:
+            fed = prepare(replace(cfg, seed=seed), model=fed.model, tokenizer=fed.tokenizer, table=fed.table)
+        rows: dict[str, list[dict]] = {}
+        if cfg.eval.zero_shot:
+            rows["zero-shot"] = zero_shot(fed)
+        if cfg.eval.baseline != "none":
+            rows[f"baseline-{cfg.eval.baseline}"] = baseline(fed)
+        for m in methods:
+            rows[m] = run_method(fed, m, run_dir / f"{m}-seed{seed}", quiet=quiet, seed=seed).rows
+        per_seed.append(rows)
+    write_comparison(per_seed, run_dir, quiet=quiet)
+    return run_dir

@@ -1,0 +1,87 @@
+"""Everything a simulated federation shares: one frozen base model, the table, the client splits.
+
+`prepare()` loads the model once, wraps it with LoRA once, partitions the table and tokenizes
+every client's rows with that client's own serializer (quantile words are learned from the
+client's own training rows, never from other clients'). Several methods can then run on the same
+`Federation` one after another, on identical partitions and identical initial adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fedlora.config import RunConfig
+from fedlora.data import Partition, RowSerializer, Table, load_table, make_partition
+from fedlora.model import load_model, wrap_lora
+from fedlora.train.batches import EncodedExamples, encode_examples
+
+
+@dataclass
+class ClientSplits:
+    train: EncodedExamples
+    val: EncodedExamples
+    test: EncodedExamples
+    rows: dict[str, np.ndarray]
+    """Row positions into table.frame for each split (for the classical baseline)."""
+
+
+@dataclass
+class Federation:
+    cfg: RunConfig
+    model: object
+    tokenizer: object
+    table: Table
+    partition: Partition
+    clients: list[ClientSplits]
+    global_test: EncodedExamples
+    global_rows: np.ndarray
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+
+def _cap(rows: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    """At most `limit` rows, a seeded subsample in the original order (evaluation cost cap)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    return np.sort(rng.choice(rows, size=limit, replace=False))
+
+
+def _encode(fed_tokenizer, serializer: RowSerializer, table: Table, rows: np.ndarray,
+            max_length: int) -> EncodedExamples:
+    frame: pd.DataFrame = table.frame.iloc[rows]
+    return encode_examples(fed_tokenizer, serializer.prompts(frame), table.labels[rows],
+                           serializer.verbalizers, max_length)
+
+
+def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = None) -> Federation:
+    """Load (or reuse) the model and table, partition, serialize and tokenize every split."""
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(cfg.model)
+    if not hasattr(model, "peft_config"):
+        model = wrap_lora(model, cfg.lora, seed=cfg.seed)
+    table = table if table is not None else load_table(cfg.data, seed=cfg.seed)
+    partition = make_partition(table, cfg.partition, cfg.data, seed=cfg.seed)
+    rng = np.random.default_rng([cfg.seed, 7])
+    cap = cfg.eval.max_examples
+    clients = []
+    for client in partition.clients:
+        serializer = RowSerializer(table, cfg.data).fit(table.frame.iloc[client.train])
+        rows = {"train": client.train, "val": _cap(client.val, cap, rng), "test": _cap(client.test, cap, rng)}
+        encoded = {k: _encode(tokenizer, serializer, table, v, cfg.data.max_length) for k, v in rows.items()}
+        clients.append(ClientSplits(encoded["train"], encoded["val"], encoded["test"], rows))
+    pooled_train = np.concatenate([c.train for c in partition.clients])
+    # The global test is serialized with quantiles of the pooled training rows. Only the
+    # 'quantile' number format depends on this; it is a simulation convenience (documented).
+    global_serializer = RowSerializer(table, cfg.data).fit(table.frame.iloc[pooled_train])
+    global_rows = _cap(partition.global_test, cap, rng)
+    global_test = _encode(tokenizer, global_serializer, table, global_rows, cfg.data.max_length)
+    return Federation(cfg, model, tokenizer, table, partition, clients, global_test, global_rows)

@@ -1,0 +1,115 @@
+"""The method interface: what a client trains, what it sends, how the server combines it.
+
+A method holds no hidden state: the server state and each client's persistent state are plain
+`{name: tensor}` dicts passed in and returned, so checkpointing a run is saving those dicts.
+Methods never touch files, devices or the network; the engine (or the Flower adapter) does.
+
+Round protocol, as the engine drives it for each sampled client i:
+    received  = decode(encode(method.download(server, i)))        # counted as bytes down
+    adapter   = method.start_local(received, client_state[i])       # loaded into the model
+    trained   = local_train(adapter, trainable=method.train_mask)
+    payload, client_state[i] = method.upload(trained, client_state[i])
+    update_i  = decode(encode(payload))                             # counted as bytes up
+then   server = method.aggregate(server, [update_i ...]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+TensorDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    """One client's decoded upload and the example count used as its aggregation weight."""
+
+    client_id: int
+    tensors: TensorDict
+    num_examples: int
+
+
+class Method:
+    """Base class; subclasses override the hooks that differ from plain FedAvg bookkeeping."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    personalized: ClassVar[bool] = False
+    """Scored per client on its own adapter (True) or with one global adapter (False)."""
+    pooled: ClassVar[bool] = False
+    """Centralized reference: the engine trains one client holding every client's training rows."""
+    train_mask: ClassVar[str] = "ab"
+    """Which LoRA factors local training updates: 'ab', 'a' or 'b'."""
+    defaults: ClassVar[dict[str, Any]] = {}
+    """Method options (fl.method_args) and their defaults."""
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            valid = ", ".join(sorted(self.defaults)) or "none"
+            raise ValueError(f"method {self.name!r} has no option {unknown[0]!r} (valid: {valid})")
+        self.options = {**self.defaults, **options}
+
+    # --- state -----------------------------------------------------------------------------
+    def init_server(self, initial: TensorDict) -> TensorDict:
+        return clone(initial)
+
+    def init_client(self, client_id: int, initial: TensorDict) -> TensorDict:
+        return {}
+
+    # --- one client's round ----------------------------------------------------------------
+    def download(self, server: TensorDict, client_id: int) -> TensorDict:
+        return server
+
+    def start_local(self, received: TensorDict, client: TensorDict) -> TensorDict:
+        return received
+
+    def extra_loss(self, params: dict[str, torch.nn.Parameter],
+                   received: TensorDict) -> Callable[[], torch.Tensor] | None:
+        """An optional extra term added to the local loss (e.g. FedProx); None for most methods."""
+        return None
+
+    def upload(self, trained: TensorDict, client: TensorDict) -> tuple[TensorDict, TensorDict]:
+        return trained, client
+
+    # --- server ----------------------------------------------------------------------------
+    def aggregate(self, server: TensorDict, updates: Sequence[ClientUpdate]) -> TensorDict:
+        raise NotImplementedError
+
+    # --- evaluation ------------------------------------------------------------------------
+    def personal_adapter(self, server: TensorDict, client: TensorDict) -> TensorDict:
+        return server
+
+    def global_adapter(self, server: TensorDict) -> TensorDict | None:
+        return server
+
+
+def clone(tensors: TensorDict) -> TensorDict:
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+def example_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """p_i = n_i / sum_j n_j."""
+    counts = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float64)
+    if (counts <= 0).any():
+        raise ValueError("every update must report a positive example count")
+    return counts / counts.sum()
+
+
+def weighted_mean(updates: Sequence[ClientUpdate], keys: Sequence[str] | None = None) -> TensorDict:
+    """sum_i p_i T_i for every tensor name (in float64 for accuracy, returned as float32)."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    weights = example_weights(updates)
+    keys = list(keys if keys is not None else updates[0].tensors)
+    out = {}
+    for key in keys:
+        acc = torch.zeros_like(updates[0].tensors[key], dtype=torch.float64)
+        for w, u in zip(weights, updates):
+            acc += w * u.tensors[key].to(torch.float64)
+        out[key] = acc.to(torch.float32)
+    return out

@@ -1,0 +1,1 @@
+"""Progress display, summaries, comparison tables and plots."""

@@ -1,0 +1,106 @@
+"""Summaries of metric rows: per method, and a comparison table across methods and seeds.
+
+Client-level numbers are each client's final-round score on its own test split; we report the
+mean and standard deviation across clients (and seeds). Global numbers are the final score on
+the global test set (mean and std across seeds); personalized methods have none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("accuracy", "macro_f1", "auroc")
+
+
+def final_rows(rows: list[dict]) -> list[dict]:
+    """The evaluated rows of the last evaluated round."""
+    scored = [r for r in rows if "accuracy" in r]
+    if not scored:
+        return []
+    last = max(r["round"] for r in scored)
+    return [r for r in scored if r["round"] == last]
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    vals = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if len(vals) == 0:
+        return {"mean": float("nan"), "std": float("nan"), "count": 0}
+    return {"mean": float(vals.mean()), "std": float(vals.std()), "count": int(len(vals))}
+
+
+def summarize(rows: list[dict], method: str, personalized: bool) -> dict:
+    """One method's summary from its metric rows (one seed)."""
+    final = final_rows(rows)
+    clients = [r for r in final if isinstance(r["client"], int)]
+    glob = [r for r in final if r["client"] == "global"]
+    server = [r for r in rows if r["client"] == "server"]
+    return {
+        "method": method,
+        "scored_on": "each client's own adapter" if personalized else "one global adapter",
+        "rounds": max((r["round"] for r in rows), default=0),
+        "clients": {m: _stats([r[m] for r in clients]) for m in METRICS},
+        "global": {m: glob[0][m] for m in METRICS} if glob else None,
+        "bytes_up": int(sum(r.get("bytes_up", 0) for r in server)),
+        "bytes_down": int(sum(r.get("bytes_down", 0) for r in server)),
+    }
+
+
+def comparison(per_seed: list[dict[str, list[dict]]]) -> list[dict]:
+    """One row per method: client metrics pooled over (client, seed), global over seeds."""
+    methods = list(per_seed[0])
+    table = []
+    for m in methods:
+        finals = [final_rows(seed_rows[m]) for seed_rows in per_seed]
+        clients = [r for f in finals for r in f if isinstance(r["client"], int)]
+        glob = [r for f in finals for r in f if r["client"] == "global"]
+        traffic = [sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in seed_rows[m]
+                       if r["client"] == "server") for seed_rows in per_seed]
+        table.append({
+            "method": m,
+            "seeds": len(per_seed),
+            "clients": {k: _stats([r[k] for r in clients]) for k in METRICS},
+            "global": {k: _stats([r[k] for r in glob]) for k in METRICS} if glob else None,
+            "megabytes": float(np.mean(traffic)) / 1e6,
+        })
+    return table
+
+
+def _cell(stats: dict | None) -> str:
+    if not stats or stats["count"] == 0:
+        return "-"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def comparison_markdown(table: list[dict]) -> str:
+    head = ("| method | client acc | client macro-F1 | client AUROC | global acc | global macro-F1 "
+            "| global AUROC | MB sent (up+down) |")
+    lines = [head, "|" + "---|" * 8]
+    for row in table:
+        g = row["global"] or {}
+        lines.append(
+            f"| {row['method']} | {_cell(row['clients']['accuracy'])} | {_cell(row['clients']['macro_f1'])} "
+            f"| {_cell(row['clients']['auroc'])} | {_cell(g.get('accuracy'))} | {_cell(g.get('macro_f1'))} "
+            f"| {_cell(g.get('auroc'))} | {row['megabytes']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet: bool = False) -> list[dict]:
+    table = comparison(per_seed)
+    (run_dir / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    note = ("Client columns: each client's final score on its own test split, mean ± std over clients"
+            " and seeds. Global columns: the final global adapter on the held-out global test set"
+            " (mean ± std over seeds); personalized methods and local-only have none.")
+    (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + "\n", encoding="utf-8")
+    from fedlora.report.plots import plot_comparison
+
+    plot_comparison(table, run_dir / "comparison.png")
+    if not quiet:
+        from fedlora.report.progress import print_comparison
+
+        print_comparison(table, note)
+    return table

@@ -1,0 +1,81 @@
+"""Token-level examples for classification by label likelihood (TabLLM style).
+
+An example is `prompt tokens + verbalizer tokens of its label`. Training puts the loss on the
+verbalizer tokens only; evaluation scores every class's verbalizer after the same prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EncodedExamples:
+    """Prompts as token ids, their labels, and each class's verbalizer token ids."""
+
+    prompt_ids: list[list[int]]
+    labels: np.ndarray
+    verbalizer_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def subset(self, rows: np.ndarray) -> "EncodedExamples":
+        return EncodedExamples([self.prompt_ids[i] for i in rows], self.labels[rows], self.verbalizer_ids)
+
+
+def encode_examples(tokenizer, prompts: list[str], labels: np.ndarray, verbalizers: list[str],
+                    max_length: int) -> EncodedExamples:
+    """Tokenize prompts once; over-long prompts keep their *end* (the question and `Answer:`)."""
+    verbalizer_ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalizers]
+    if any(len(v) == 0 for v in verbalizer_ids):
+        raise ValueError(f"a verbalizer tokenizes to nothing: {verbalizers}")
+    if len({tuple(v) for v in verbalizer_ids}) != len(verbalizer_ids):
+        raise ValueError(f"two verbalizers tokenize identically: {verbalizers}")
+    budget = max_length - max(len(v) for v in verbalizer_ids)
+    if budget < 8:
+        raise ValueError(f"data.max_length={max_length} leaves no room for the prompt")
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = [bos + ids[-(budget - len(bos)):] for ids in encoded]
+    return EncodedExamples(prompt_ids, np.asarray(labels, dtype=np.int64), verbalizer_ids)
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-pad (prompt, target) pairs so every target ends at the last position.
+
+    Left padding lets the model compute logits for the last few positions only
+    (`logits_to_keep`), which skips the vocabulary projection over the whole prompt: with a
+    49k-token vocabulary that projection is a large share of a forward pass. Explicit position
+    ids keep every row's positions starting at 0, so padding never changes a score.
+    """
+    width = max(len(p) + len(t) for p, t in sequences)
+    keep = max(len(t) for _, t in sequences) + 1
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), keep - 1), -100, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (prompt, target) in enumerate(sequences):
+        ids = prompt + target
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+        targets[row, keep - 1 - len(target):] = torch.tensor(target)
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
+            "position_ids": positions.to(device), "targets": targets.to(device)}
+
+
+def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of log p(target token) and the number of target tokens."""
+    keep = batch["targets"].shape[1] + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
+    logits = logits[:, -keep:-1].float()
+    targets = batch["targets"]
+    mask = targets != -100
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=1), mask.sum(dim=1)
