@@ -67,6 +67,10 @@ class DataConfig:
     quantile_bins: int = 5
     max_rare_fraction: float = 0.01
     """Categories rarer than this share of rows are grouped as 'other'. 0 disables grouping."""
+    prompt_style: str = "auto"
+    """'auto' (the tokenizer's chat template when it has one, else plain), 'chat' or 'plain'."""
+    system_prompt: str | None = "Answer with one of the options."
+    """System message in chat style (None: none; the template may then insert its default)."""
     max_length: int = 384
     """Token cap for one serialized example; longer prompts are cut from the left of the features."""
     global_test_fraction: float = 0.2
@@ -145,6 +149,7 @@ class RunConfig:
 
 _CHOICES = {
     "data.number_format": {"digits", "quantile"},
+    "data.prompt_style": {"auto", "chat", "plain"},
     "partition.scheme": {"iid", "dirichlet", "quantity", "column"},
     "train.optimizer_state": {"reset", "keep"},
     "eval.baseline": {"logreg", "gboost", "none"},

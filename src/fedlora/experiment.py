@@ -88,8 +88,11 @@ def baseline(fed: Federation) -> list[dict]:
 
 
 def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
-               seed: int | None = None) -> RunResult:
-    """Run one method on a prepared federation, streaming metrics to `run_dir/metrics.jsonl`."""
+               seed: int | None = None, zero_shot_rows: list[dict] | None = None) -> RunResult:
+    """Run one method on a prepared federation, streaming metrics to `run_dir/metrics.jsonl`.
+
+    `zero_shot_rows`, when given, are drawn as round 0 in the plots (the untrained model).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     progress = RoundProgress(method, fed.cfg.fl.rounds, quiet=quiet)
@@ -109,7 +112,7 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
     _write_json(run_dir / "summary.json", summary)
     from fedlora.report.plots import plot_rounds
 
-    plot_rounds(result.rows, run_dir / "plots", title=method)
+    plot_rounds((zero_shot_rows or []) + result.rows, run_dir / "plots", title=method)
     return result
 
 
@@ -139,11 +142,28 @@ def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> t
     return run_dir, fed
 
 
+def _references(fed: Federation) -> dict[str, list[dict]]:
+    """Zero-shot and classical-baseline rows, as configured (computed once per partition)."""
+    rows: dict[str, list[dict]] = {}
+    if fed.cfg.eval.zero_shot:
+        rows["zero-shot"] = zero_shot(fed)
+    if fed.cfg.eval.baseline != "none":
+        rows[f"baseline-{fed.cfg.eval.baseline}"] = baseline(fed)
+    return rows
+
+
 def run(cfg: RunConfig, quiet: bool = False, fed: Federation | None = None) -> Path:
-    """`fedlora run`: one method (cfg.fl.method); returns the run directory."""
+    """`fedlora run`: one method (cfg.fl.method), with zero-shot and baseline rows for context.
+
+    The method's files sit at the top of the run directory; `comparison.md` puts its final
+    scores beside the references.
+    """
     method_class(cfg.fl.method)  # fail on a bad name before loading anything
     run_dir, fed = _start(cfg, cfg.fl.method, quiet, fed)
-    run_method(fed, cfg.fl.method, run_dir, quiet=quiet)
+    rows = _references(fed)
+    rows[cfg.fl.method] = run_method(fed, cfg.fl.method, run_dir, quiet=quiet,
+                                     zero_shot_rows=rows.get("zero-shot")).rows
+    write_comparison([rows], run_dir, quiet=quiet)
     log.info("run directory: %s", run_dir)
     return run_dir
 
@@ -164,13 +184,10 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int] | None = None, 
     for seed in seeds:
         if seed != fed.cfg.seed:
             fed = prepare(replace(cfg, seed=seed), model=fed.model, tokenizer=fed.tokenizer, table=fed.table)
-        rows: dict[str, list[dict]] = {}
-        if cfg.eval.zero_shot:
-            rows["zero-shot"] = zero_shot(fed)
-        if cfg.eval.baseline != "none":
-            rows[f"baseline-{cfg.eval.baseline}"] = baseline(fed)
+        rows = _references(fed)
         for m in methods:
-            rows[m] = run_method(fed, m, run_dir / f"{m}-seed{seed}", quiet=quiet, seed=seed).rows
+            rows[m] = run_method(fed, m, run_dir / f"{m}-seed{seed}", quiet=quiet, seed=seed,
+                                 zero_shot_rows=rows.get("zero-shot")).rows
         per_seed.append(rows)
     write_comparison(per_seed, run_dir, quiet=quiet)
     return run_dir

@@ -58,8 +58,9 @@ def _cap(rows: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.nd
 def _encode(fed_tokenizer, serializer: RowSerializer, table: Table, rows: np.ndarray,
             max_length: int) -> EncodedExamples:
     frame: pd.DataFrame = table.frame.iloc[rows]
+    cfg = serializer.cfg
     return encode_examples(fed_tokenizer, serializer.prompts(frame), table.labels[rows],
-                           serializer.verbalizers, max_length)
+                           serializer.verbalizers, max_length, cfg.prompt_style, cfg.system_prompt)
 
 
 def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = None) -> Federation:

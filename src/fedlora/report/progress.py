@@ -53,10 +53,7 @@ def print_comparison(table: list[dict], note: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    def cell(stats):
-        if not stats or stats["count"] == 0:
-            return "-"
-        return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+    from fedlora.report.summary import format_stats as cell
 
     out = Table(title="fedlora: final scores (higher is better)")
     for col in ("method", "client acc", "client F1", "client AUROC", "global acc", "global F1", "MB sent"):

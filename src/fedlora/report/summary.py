@@ -69,7 +69,7 @@ def comparison(per_seed: list[dict[str, list[dict]]]) -> list[dict]:
     return table
 
 
-def _cell(stats: dict | None) -> str:
+def format_stats(stats: dict | None) -> str:
     if not stats or stats["count"] == 0:
         return "-"
     return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
@@ -82,9 +82,9 @@ def comparison_markdown(table: list[dict]) -> str:
     for row in table:
         g = row["global"] or {}
         lines.append(
-            f"| {row['method']} | {_cell(row['clients']['accuracy'])} | {_cell(row['clients']['macro_f1'])} "
-            f"| {_cell(row['clients']['auroc'])} | {_cell(g.get('accuracy'))} | {_cell(g.get('macro_f1'))} "
-            f"| {_cell(g.get('auroc'))} | {row['megabytes']:.2f} |"
+            f"| {row['method']} | {format_stats(row['clients']['accuracy'])} | {format_stats(row['clients']['macro_f1'])} "
+            f"| {format_stats(row['clients']['auroc'])} | {format_stats(g.get('accuracy'))} | {format_stats(g.get('macro_f1'))} "
+            f"| {format_stats(g.get('auroc'))} | {row['megabytes']:.2f} |"
         )
     return "\n".join(lines)
 

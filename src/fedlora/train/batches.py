@@ -27,9 +27,40 @@ class EncodedExamples:
         return EncodedExamples([self.prompt_ids[i] for i in rows], self.labels[rows], self.verbalizer_ids)
 
 
+def format_prompts(tokenizer, prompts: list[str], style: str = "auto",
+                   system: str | None = "Answer with one of the options.") -> tuple[list[str], bool]:
+    """Wrap serialized rows for the model; returns (texts, whether they already hold special tokens).
+
+    'chat' puts the row and question in a user turn and `Answer:` at the start of the assistant
+    turn, using the tokenizer's own chat template. For an instruct model this matters: measured
+    on SmolLM2-135M-Instruct (breast cancer, quantile words), the mean negative log-likelihood of
+    the true label before any training is 1.2 in chat form and 13 in plain form, so LoRA spends
+    its first steps on the task instead of on the answer format. 'auto' picks 'chat' when the
+    tokenizer has a template, else 'plain' (BOS + text).
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if style == "auto":
+        style = "chat" if has_template else "plain"
+    if style == "plain":
+        return list(prompts), False
+    if not has_template:
+        raise ValueError("data.prompt_style=chat needs a tokenizer with a chat template; use plain")
+    texts = []
+    for prompt in prompts:
+        body, _, answer = prompt.rpartition("\n")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": body}]
+        wrapped = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        texts.append(wrapped + answer)
+    return texts, True
+
+
 def encode_examples(tokenizer, prompts: list[str], labels: np.ndarray, verbalizers: list[str],
-                    max_length: int) -> EncodedExamples:
-    """Tokenize prompts once; over-long prompts keep their *end* (the question and `Answer:`)."""
+                    max_length: int, style: str = "auto", system: str | None = None) -> EncodedExamples:
+    """Tokenize prompts once; over-long prompts keep their *end* (the question and `Answer:`).
+
+    `style` and `system` are passed to `format_prompts` (the prompt's last line, `Answer:`,
+    becomes the start of the model's answer).
+    """
     verbalizer_ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalizers]
     if any(len(v) == 0 for v in verbalizer_ids):
         raise ValueError(f"a verbalizer tokenizes to nothing: {verbalizers}")
@@ -38,8 +69,9 @@ def encode_examples(tokenizer, prompts: list[str], labels: np.ndarray, verbalize
     budget = max_length - max(len(v) for v in verbalizer_ids)
     if budget < 8:
         raise ValueError(f"data.max_length={max_length} leaves no room for the prompt")
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    texts, wrapped = format_prompts(tokenizer, prompts, style, system)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not wrapped else []
     prompt_ids = [bos + ids[-(budget - len(bos)):] for ids in encoded]
     return EncodedExamples(prompt_ids, np.asarray(labels, dtype=np.int64), verbalizer_ids)
 
