@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -38,7 +39,8 @@ def plot_rounds(rows: list[dict], folder: Path, title: str = "",
         if not by_round and not glob:
             plt.close(fig)
             continue
-        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round (0 = before training)")
         ax.set_ylabel(metric)
         ax.set_title(f"{title}: {metric}" if title else metric)
         ax.grid(alpha=0.3)
@@ -59,10 +61,10 @@ def plot_comparison(table: list[dict], path: Path, metric: str = "accuracy") -> 
     def pick(row, where):
         stats = (row[where] or {}).get(metric) if where == "global" else row["clients"][metric]
         if not stats or stats["count"] == 0 or math.isnan(stats["mean"]):
-            return 0.0, 0.0
+            return float("nan"), 0.0  # no bar (e.g. no global adapter)
         return stats["mean"], stats["std"]
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(methods)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(methods)), 4.5))
     for offset, where, label in ((-0.2, "clients", "clients' own test (mean)"), (0.2, "global", "global test")):
         vals = [pick(r, where) for r in table]
         ax.bar(x + offset, [v[0] for v in vals], width=0.4, yerr=[v[1] for v in vals], capsize=3, label=label)
@@ -71,7 +73,7 @@ def plot_comparison(table: list[dict], path: Path, metric: str = "accuracy") -> 
     ax.set_ylim(0, 1)
     ax.set_title(f"final {metric} by method")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

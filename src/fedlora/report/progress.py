@@ -49,20 +49,29 @@ class RoundProgress:
             self.bar.close()
 
 
+def _short(stats: dict | None) -> str:
+    """'0.66±0.18' (no spread shown for a single value), or '-' when undefined."""
+    if not stats or stats["count"] == 0 or math.isnan(stats["mean"]):
+        return "-"
+    return f"{stats['mean']:.2f}" + (f"±{stats['std']:.2f}" if stats["count"] > 1 else "")
+
+
 def print_comparison(table: list[dict], note: str) -> None:
+    """The final table for a terminal: accuracy and AUROC, clients' own tests and global test.
+
+    Macro-F1 and three decimals are in comparison.md; this view fits 80 columns.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from fedlora.report.summary import format_stats as cell
-
     out = Table(title="fedlora: final scores (higher is better)")
-    for col in ("method", "client acc", "client F1", "client AUROC", "global acc", "global F1", "MB sent"):
-        out.add_column(col, justify="left" if col == "method" else "right")
+    out.add_column("method", no_wrap=True)
+    for col in ("clients\nacc", "clients\nAUROC", "global\nacc", "global\nAUROC", "MB\nsent"):
+        out.add_column(col, justify="right", no_wrap=True)
     for row in table:
         g = row["global"] or {}
-        out.add_row(row["method"], cell(row["clients"]["accuracy"]), cell(row["clients"]["macro_f1"]),
-                    cell(row["clients"]["auroc"]), cell(g.get("accuracy")), cell(g.get("macro_f1")),
-                    f"{row['megabytes']:.2f}")
+        out.add_row(row["method"], _short(row["clients"]["accuracy"]), _short(row["clients"]["auroc"]),
+                    _short(g.get("accuracy")), _short(g.get("auroc")), f"{row['megabytes']:.1f}")
     console = Console()
     console.print(out)
     console.print(note, style="dim")

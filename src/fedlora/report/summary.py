@@ -72,6 +72,8 @@ def comparison(per_seed: list[dict[str, list[dict]]]) -> list[dict]:
 def format_stats(stats: dict | None) -> str:
     if not stats or stats["count"] == 0:
         return "-"
+    if stats["count"] == 1:
+        return f"{stats['mean']:.3f}"
     return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
 
@@ -92,9 +94,9 @@ def comparison_markdown(table: list[dict]) -> str:
 def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet: bool = False) -> list[dict]:
     table = comparison(per_seed)
     (run_dir / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
-    note = ("Client columns: each client's final score on its own test split, mean ± std over clients"
-            " and seeds. Global columns: the final global adapter on the held-out global test set"
-            " (mean ± std over seeds); personalized methods and local-only have none.")
+    note = ("clients: each client's final score on its own test split, mean ± std over clients"
+            " (and seeds). global: the final global adapter on the held-out global test set"
+            " (± std over seeds); personalized methods and local-only have no global adapter.")
     (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + "\n", encoding="utf-8")
     from fedlora.report.plots import plot_comparison
 
