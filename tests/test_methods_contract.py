@@ -19,7 +19,7 @@ from fedlora.fl.engine import Simulator
 from fedlora.fl.methods import ClientUpdate, Method, build_method, method_class, register, weighted_mean
 from fedlora.fl.methods.fedit import FedIT
 from fedlora.fl.payload import encode
-from fedlora.model.lora import init_adapter_state
+from fedlora.model.lora import init_adapter_state, zero_pad_rank
 
 METHODS = fedlora.available_methods()
 
@@ -63,14 +63,27 @@ def test_only_adapter_tensors_change(runs, fed, method):
     result, before, after = runs(method, 0)
     assert_same_tensors(before, after)
     init = init_adapter_state(fed.model, 0)
-    kept = result.state.clients if method_class(method).personalized else [result.state.server]
+    m, s = method_class(method)(), result.state
+    # What the method scores, not its raw state (which may hold B only, or optimizer moments).
+    kept = [m.personal_adapter(s.server, c) for c in s.clients] if m.personalized else [m.global_adapter(s.server)]
     kept = [a for a in kept if a]
     assert kept, "the method keeps no adapter"
+    trained = [k for k in init if ("a" if k.endswith("lora_A") else "b") in m.train_mask]
+    delta = m.base_delta(s.server)
+    if delta is not None:
+        # Merging methods (flora) score W0 + delta with a zero adapter: the delta must have moved.
+        assert delta and all(d.abs().max() > 0 for d in delta.values()), f"{method}: base delta never moved"
     for adapter in kept:
+        # Mixing methods (fedtree) also carry a frozen external branch and lambdas; check the factors.
+        adapter = {k: v for k, v in adapter.items() if k.endswith(("lora_A", "lora_B"))}
         assert set(adapter) == set(init)
         assert all(adapter[k].shape == init[k].shape for k in init)
-        stuck = [k for k in init if torch.equal(adapter[k], init[k])]
+        if delta is not None:
+            continue
+        stuck = [k for k in trained if torch.equal(adapter[k], init[k])]
         assert not stuck, f"{method}: adapter tensors never trained: {stuck}"
+        moved = [k for k in init if k not in trained and not torch.equal(adapter[k], init[k])]
+        assert not moved, f"{method}: frozen adapter tensors changed: {moved}"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -114,14 +127,19 @@ def test_bytes_match_encoded_payloads(runs, fed, method):
     result, _, _ = runs(method, 0)
     sim = Simulator(fed, method, seed=0)
     m = sim.method
-    state = sim.initial_state()  # sizes depend on names, shapes, dtypes and metadata, not on values
+    # Sizes depend on names, shapes, dtypes and metadata; the state is replayed round by round
+    # because some methods send what the last round built (flora: the stack grows with its clients).
+    state = sim.initial_state()
     for rnd in range(1, fed.cfg.fl.rounds + 1):
         server_row = next(r for r in result.rows if r["client"] == "server" and r["round"] == rnd)
         up = down = 0
         for cid in server_row["sampled"]:
             sent = m.download(state.server, cid)
             down += len(encode(sent)) if sent else 0
-            received = m.start_local(sent, state.clients[cid])
+            received = (init_adapter_state(fed.model, 0) if m.fresh_each_round
+                        else m.start_local(sent, state.clients[cid]))
+            if m.client_rank(cid) is not None:
+                received = zero_pad_rank(received, m.client_rank(cid))
             payload, _ = m.upload({k: v.clone() for k, v in received.items()}, state.clients[cid])
             meta = {"num_examples": len(sim.train_sets[cid]), "client_id": cid}
             up += len(encode(payload, meta)) if payload else 0
@@ -130,6 +148,7 @@ def test_bytes_match_encoded_payloads(runs, fed, method):
             for cid in server_row["sampled"]:
                 row = next(r for r in result.rows if r["client"] == cid and r["round"] == rnd)
                 assert row["bytes_up"] * len(server_row["sampled"]) == up
+        sim.run_round(state)
 
 
 # --- method-specific known answers -------------------------------------------------------------

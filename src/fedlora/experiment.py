@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from safetensors.torch import save_file
 
 from fedlora.config import RunConfig
 from fedlora.fl.engine import RunResult, Simulator
 from fedlora.fl.federation import Federation, prepare
-from fedlora.fl.methods import method_class
+from fedlora.fl.methods import build_method, method_class, method_options
 from fedlora.model.lora import init_adapter_state, load_adapter_state, save_peft_adapter
 from fedlora.report.progress import RoundProgress
 from fedlora.report.summary import summarize, write_comparison
@@ -104,9 +105,11 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
         progress.update(round_index, rows)
 
     started = time.perf_counter()
-    result = Simulator(fed, method, seed=seed, on_round=on_round, progress=not quiet).run()
+    method_obj = build_method(method, method_options(fed.cfg, method))
+    result = Simulator(fed, method_obj, seed=seed, on_round=on_round, progress=not quiet).run()
     progress.close()
-    _save_adapters(fed, result, run_dir / "adapters")
+    _save_adapters(fed, method_obj, result.state, run_dir / "adapters")
+    method_obj.save_extras(result.state.server, run_dir)
     summary = summarize(result.rows, method, method_class(method).personalized)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     _write_json(run_dir / "summary.json", summary)
@@ -116,16 +119,31 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
     return result
 
 
-def _save_adapters(fed: Federation, result: RunResult, folder: Path) -> None:
-    """Final adapters in PEFT format: the global one, or each client's personal one."""
-    method = method_class(result.method)(**fed.cfg.fl.method_args)
-    state = result.state
+def _save_adapters(fed: Federation, method, state, folder: Path) -> None:
+    """Final adapters in PEFT format: the global one, or each client's personal one.
+
+    Tensors PEFT cannot express (a mixing layer's external branch and lambda) go beside the PEFT
+    files in `fedlora_state.safetensors`; a merged base update (FLoRA) goes to
+    `global/base_delta.safetensors` as the (alpha / r)-scaled addition to each layer's weight.
+    """
+    delta = method.base_delta(state.server)
+    if delta is not None:
+        folder.joinpath("global").mkdir(parents=True, exist_ok=True)
+        scale = fed.cfg.lora.alpha / fed.cfg.lora.r
+        save_file({f"{k}.weight": (scale * v).contiguous() for k, v in delta.items()},
+                  str(folder / "global" / "base_delta.safetensors"),
+                  metadata={"base_model": fed.cfg.model.name, "meaning": "add to each layer's base weight"})
+        return
     global_adapter = method.global_adapter(state.server)
     if global_adapter is not None and not method.personalized:
         save_peft_adapter(fed.model, global_adapter, folder / "global")
-    else:
-        for cid, client_state in enumerate(state.clients):
-            save_peft_adapter(fed.model, method.personal_adapter(state.server, client_state), folder / f"client_{cid}")
+        return
+    for cid, client_state in enumerate(state.clients):
+        adapter = method.personal_adapter(state.server, client_state)
+        factors = {k: v for k, v in adapter.items() if k.endswith(("lora_A", "lora_B"))}
+        path = save_peft_adapter(fed.model, factors, folder / f"client_{cid}")
+        if len(factors) < len(adapter):
+            save_file({k: v.contiguous() for k, v in adapter.items()}, str(path / "fedlora_state.safetensors"))
 
 
 def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> tuple[Path, Federation]:

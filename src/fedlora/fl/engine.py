@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from fedlora.fl.federation import Federation
-from fedlora.fl.methods import ClientUpdate, Method, build_method
+from fedlora.fl.methods import ClientUpdate, Method, build_method, method_options
 from fedlora.fl.payload import decode, encode, spec_of
-from fedlora.model.lora import adapter_parameters, init_adapter_state, load_adapter_state, set_trainable
+from fedlora.model.lora import (adapter_parameters, base_weights, init_adapter_state, load_adapter_state,
+                                rank_scaling, set_base_weights, set_trainable, zero_pad_rank)
+from fedlora.model.mixing import attach_mixing, detach_mixing, mixed_layers
 from fedlora.train.batches import EncodedExamples
 from fedlora.train.evaluate import evaluate
 from fedlora.train.local import local_train, num_local_steps
@@ -75,6 +77,11 @@ def _client_seed(seed: int, round_index: int, client_id: int) -> list[int]:
     return [seed, round_index, client_id]
 
 
+def _fresh_seed(seed: int, round_index: int, client_id: int) -> int:
+    """The seed of a client's fresh adapter in a round (methods with `fresh_each_round`)."""
+    return int(np.random.default_rng([*_client_seed(seed, round_index, client_id), 1]).integers(2**62))
+
+
 def _pooled(fed: Federation) -> EncodedExamples:
     """Every client's training rows in one set (the centralized reference only)."""
     parts = [c.train for c in fed.clients]
@@ -93,11 +100,12 @@ class Simulator:
                  on_round: Callable[[int, list[dict]], None] | None = None, progress: bool = False):
         self.fed = fed
         self.cfg = fed.cfg
-        self.method = method if isinstance(method, Method) else build_method(method, self.cfg.fl.method_args)
+        self.method = method if isinstance(method, Method) else build_method(method, method_options(self.cfg, method))
         self.seed = self.cfg.seed if seed is None else seed
         self.on_round = on_round
         self.progress = progress
         pooled = self.method.pooled
+        self._base_backup: dict[str, torch.Tensor] | None = None  # W0 of merged layers, during a round
         self.train_sets = [_pooled(fed)] if pooled else [c.train for c in fed.clients]
 
     # --- set-up ----------------------------------------------------------------------------
@@ -122,8 +130,16 @@ class Simulator:
         with timer("serialize"):
             down_blob = encode(method.download(state.server, cid))
             received, _ = decode(down_blob)
+        fresh = method.fresh_each_round
         with timer("swap"):
-            load_adapter_state(model, method.start_local(received, state.clients[cid]))
+            if fresh:  # FLoRA: a new LoRA on the current base, A seeded by (seed, round, client), B = 0
+                start = init_adapter_state(model, _fresh_seed(self.seed, round_index, cid))
+            else:
+                start = method.start_local(received, state.clients[cid])
+            rank = method.client_rank(cid)  # None for most methods: the model's rank r
+            if rank is not None:
+                start = zero_pad_rank(start, rank)
+            load_adapter_state(model, start)
             params = set_trainable(model, method.train_mask)
         data = self.train_sets[cid]
         steps = num_local_steps(self.cfg.train, len(data))
@@ -131,13 +147,13 @@ class Simulator:
             steps *= max(1, round(self.cfg.fl.client_fraction * fed.num_clients))
         live = adapter_parameters(model)
         extra = method.extra_loss(live, received)
-        with timer("train"), torch.random.fork_rng(devices=[]):
+        with timer("train"), torch.random.fork_rng(devices=[]), rank_scaling(model, rank):
             # LoRA dropout draws from torch's global generator; fork it so runs stay independent.
             torch.manual_seed(int(np.random.default_rng(_client_seed(self.seed, round_index, cid)).integers(2**31)))
             result = local_train(
                 model, params, data, self.cfg.train, steps,
                 np.random.default_rng(_client_seed(self.seed, round_index, cid)), fed.pad_id,
-                optimizer_state=state.optimizer[cid], extra_loss=extra,
+                optimizer_state=None if fresh else state.optimizer[cid], extra_loss=extra,
                 progress=f"round {round_index} client {cid}" if self.progress else None,
             )
         state.optimizer[cid] = result.optimizer_state
@@ -171,8 +187,35 @@ class Simulator:
         return rows
 
     def run_round(self, state: RunState) -> list[dict]:
+        """One round. A method with a `base_delta` (FLoRA) trains and is scored on W0 + delta.
+
+        Only the merged layers' W0 is backed up (on CPU, same dtype) and it is copied back when the
+        round ends, also on error: the shared model holds W0 bitwise between rounds, so the next
+        method in compare() (and every test) sees the original base, and no client ever needs its
+        own copy of the base model.
+        """
+        try:
+            return self._round(state)
+        finally:
+            if self._base_backup is not None:
+                set_base_weights(self.fed.model, self._base_backup)
+                self._base_backup = None
+
+    def _merge_base(self, server: dict, timer: _Timer) -> None:
+        """Set W = W0 + (alpha / r) * delta on the layers the method's base delta names (if any)."""
+        delta = self.method.base_delta(server)
+        if delta is None:
+            return
+        with timer("merge"):
+            if self._base_backup is None:
+                self._base_backup = base_weights(self.fed.model, sorted(delta))
+            set_base_weights(self.fed.model, self._base_backup, delta)
+
+    def _round(self, state: RunState) -> list[dict]:
         r = state.round + 1
         timer = _Timer()
+        self._merge_base(state.server, timer)
+        self._sync_mixing(state.server)
         sampled = [0] if self.method.pooled else self.sample_clients(r)
         updates, rows = [], []
         for cid in sampled:
@@ -183,6 +226,8 @@ class Simulator:
             rows.append(row)
         with timer("aggregate"):
             state.server = self.method.aggregate(state.server, updates)
+        self._merge_base(state.server, timer)  # evaluation sees this round's merged update
+        self._sync_mixing(state.server)  # and this round's tree, when one was just built
         server = {"client": "server", "sampled": sampled,
                   "bytes_up": sum(row["bytes_up"] for row in rows),
                   "bytes_down": sum(row["bytes_down"] for row in rows)}
@@ -203,9 +248,21 @@ class Simulator:
     def run(self, state: RunState | None = None) -> RunResult:
         state = state or self.initial_state()
         result = RunResult(self.method.name, self.method.personalized, state=state)
-        while state.round < self.cfg.fl.rounds:
-            rows = self.run_round(state)
-            result.rows.extend(rows)
-            if self.on_round is not None:
-                self.on_round(state.round, rows)
+        try:
+            while state.round < self.cfg.fl.rounds:
+                rows = self.run_round(state)
+                result.rows.extend(rows)
+                if self.on_round is not None:
+                    self.on_round(state.round, rows)
+        finally:
+            detach_mixing(self.fed.model)  # the shared model is plain PEFT again for what comes next
         return result
+
+    def _sync_mixing(self, server: dict) -> None:
+        """Attach (or drop) the mixing layer on the blocks the method asks for (FedTreeLoRA)."""
+        layers = self.method.mixing_layers(server)
+        if layers != mixed_layers(self.fed.model):
+            if layers:
+                attach_mixing(self.fed.model, layers)
+            else:
+                detach_mixing(self.fed.model)

@@ -15,28 +15,47 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from fedlora.config import LoraConfig
 
 AdapterState = dict[str, torch.Tensor]
-TRAIN_MASKS = ("ab", "a", "b", "none")
+TRAIN_MASKS = ("ab", "a", "b", "abm", "none")
+_MIXING = (".mix_ext_A", ".mix_ext_B", ".mix_logit")
 
 _PREFIX = "base_model.model."
 _ADAPTER = "default"
 
 
 def _short_name(param_name: str) -> str | None:
-    """'base_model.model.x.q_proj.lora_A.default.weight' -> 'x.q_proj.lora_A' (None if not LoRA)."""
+    """'base_model.model.x.q_proj.lora_A.default.weight' -> 'x.q_proj.lora_A' (None if not adapter).
+
+    The mixing layer's tensors (`model/mixing.py`: 'x.q_proj.mix_ext_A', 'x.q_proj.mix_ext_B',
+    'model.layers.3.mix_logit') are adapter tensors too while it is attached.
+    """
     for factor in ("lora_A", "lora_B"):
         suffix = f".{factor}.{_ADAPTER}.weight"
         if param_name.endswith(suffix):
             return param_name[len(_PREFIX) : -len(suffix)] + "." + factor
+    if param_name.startswith(_PREFIX) and param_name.endswith(_MIXING):
+        return param_name[len(_PREFIX) :]
     return None
+
+
+def _kind(name: str) -> str:
+    """'a', 'b' (LoRA factors), 'm' (mixing weight) or 'x' (frozen external branch)."""
+    if name.endswith("lora_A"):
+        return "a"
+    if name.endswith("lora_B"):
+        return "b"
+    return "m" if name.endswith("mix_logit") else "x"
 
 
 def wrap_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int = 0) -> PeftModel:
@@ -103,9 +122,11 @@ def load_adapter_state(model: PeftModel, state: AdapterState, strict: bool = Tru
 
 
 def set_trainable(model: PeftModel, mask: str = "ab") -> list[torch.nn.Parameter]:
-    """Make only the chosen LoRA factors trainable: 'ab', 'a' (A only), 'b' (B only) or 'none'.
+    """Make only the chosen LoRA factors trainable: 'ab', 'a' (A only), 'b' (B only), 'abm' (A, B
+    and the mixing weights of `model/mixing.py`) or 'none'.
 
-    Base weights are never trainable. Returns the trainable parameters in stable order.
+    Base weights and a mixing layer's external branch are never trainable. Returns the trainable
+    parameters in stable order.
     """
     if mask not in TRAIN_MASKS:
         raise ValueError(f"train mask {mask!r} is not one of {TRAIN_MASKS}")
@@ -113,8 +134,7 @@ def set_trainable(model: PeftModel, mask: str = "ab") -> list[torch.nn.Parameter
         p.requires_grad_(False)
     trainable = []
     for name, p in adapter_parameters(model).items():
-        factor = "a" if name.endswith("lora_A") else "b"
-        if factor in mask:
+        if _kind(name) in mask:
             p.requires_grad_(True)
             trainable.append(p)
     return trainable
@@ -130,6 +150,8 @@ def init_adapter_state(model: PeftModel, seed: int, rank: int | None = None) -> 
     gen = torch.Generator().manual_seed(int(seed))
     state = {}
     for name, p in adapter_parameters(model).items():
+        if _kind(name) not in "ab":
+            continue  # a mixing layer's tensors are set by the method that attached it
         shape = list(p.shape)
         if rank is not None:
             shape[0 if name.endswith("lora_A") else 1] = rank
@@ -152,3 +174,87 @@ def save_peft_adapter(model: PeftModel, state: AdapterState, path: str | Path) -
     path = Path(path)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+# --- the base weights under the adapters, and per-client ranks (FLoRA) ---------------------------
+
+
+def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
+    """The LoRA-wrapped layers by module name, e.g. 'model.layers.0.self_attn.q_proj' (sorted).
+
+    A module's adapter tensors are named '<module>.lora_A' and '<module>.lora_B'.
+    """
+    found = {name[len(_PREFIX):]: m for name, m in model.named_modules()
+             if isinstance(m, LoraLayer) and name.startswith(_PREFIX)}
+    if not found:
+        raise ValueError("the model has no LoRA layers; wrap it with wrap_lora() first")
+    return dict(sorted(found.items()))
+
+
+def base_weights(model: PeftModel, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies (same dtype, so restoring them is bitwise exact) of the named LoRA layers' W0."""
+    layers = lora_layers(model)
+    return {n: layers[n].get_base_layer().weight.detach().to("cpu", copy=True) for n in (names or layers)}
+
+
+@torch.no_grad()
+def set_base_weights(model: PeftModel, weights: Mapping[str, torch.Tensor],
+                     delta: Mapping[str, torch.Tensor] | None = None) -> None:
+    """W = weights[n] + (alpha / r) * delta[n] for each named LoRA layer; W = weights[n] without delta.
+
+    `delta` is in the adapter's units (like B A), so the layer's own alpha / r scales it; the sum is
+    taken in fp32 and cast to W's dtype. Without `delta` the copy is bitwise (a restore).
+    """
+    layers = lora_layers(model)
+    for name, w0 in weights.items():
+        layer = layers[name]
+        weight = layer.get_base_layer().weight
+        if weight.shape != w0.shape:
+            raise ValueError(f"{name}: base weight shape {tuple(weight.shape)} != {tuple(w0.shape)}")
+        if delta is None:
+            weight.copy_(w0)
+            continue
+        scaling = layer.lora_alpha[_ADAPTER] / layer.r[_ADAPTER]
+        merged = w0.to(weight.device, torch.float32) + scaling * delta[name].to(weight.device, torch.float32)
+        weight.copy_(merged.to(weight.dtype))
+
+
+def zero_pad_rank(state: AdapterState, rank: int) -> AdapterState:
+    """A rank-`rank` adapter inside the model's rank-r shapes: rows of A and columns of B from `rank` on are 0.
+
+    Training keeps them at 0: the gradient of A[j] is s B[:, j]^T g x^T and that of B[:, j] is
+    s g (A[j] x)^T, both zero while A[j] = 0 and B[:, j] = 0 (and AdamW moves a zero-gradient zero
+    by nothing: decoupled decay of 0 is 0, and the Adam step is 0 / (0 + eps)).
+    """
+    out = {}
+    for name, t in state.items():
+        t = t.clone()
+        if name.endswith("lora_A"):
+            t[rank:, :] = 0
+        else:
+            t[:, rank:] = 0
+        out[name] = t
+    return out
+
+
+@contextmanager
+def rank_scaling(model: PeftModel, rank: int | None) -> Iterator[None]:
+    """Within the block every LoRA layer computes (alpha / rank) B A instead of (alpha / r) B A.
+
+    With `zero_pad_rank` this makes the shared rank-r model train exactly a rank-`rank` LoRA with
+    the same lora_alpha. The layers' scalings are restored on exit, also on error. None: no change.
+    """
+    if rank is None:
+        yield
+        return
+    layers = lora_layers(model)
+    saved = {name: layer.scaling[_ADAPTER] for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            if not 0 < rank <= layer.r[_ADAPTER]:
+                raise ValueError(f"rank {rank} must be in [1, {layer.r[_ADAPTER]}] (the model's lora.r)")
+            layer.scaling[_ADAPTER] = layer.lora_alpha[_ADAPTER] / rank
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.scaling[_ADAPTER] = saved[name]

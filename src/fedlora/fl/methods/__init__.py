@@ -8,10 +8,11 @@ import importlib
 import pkgutil
 
 from fedlora.fl.methods.base import ClientUpdate, Method, weighted_mean
-from fedlora.fl.methods.registry import available_methods, build_method, method_class, register
+from fedlora.fl.methods.registry import (available_methods, build_method, method_class, method_options,
+                                         register)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["ClientUpdate", "Method", "available_methods", "build_method", "method_class", "register",
-           "weighted_mean"]
+__all__ = ["ClientUpdate", "Method", "available_methods", "build_method", "method_class", "method_options",
+           "register", "weighted_mean"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +47,9 @@ class Method:
     """Which LoRA factors local training updates: 'ab', 'a' or 'b'."""
     defaults: ClassVar[dict[str, Any]] = {}
     """Method options (fl.method_args) and their defaults."""
+    fresh_each_round: ClassVar[bool] = False
+    """Each round a client trains a fresh adapter the engine draws (A from (seed, round, client),
+    B = 0) instead of the one `start_local` returns, with a fresh optimizer (FLoRA)."""
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))
@@ -80,12 +84,41 @@ class Method:
     def aggregate(self, server: TensorDict, updates: Sequence[ClientUpdate]) -> TensorDict:
         raise NotImplementedError
 
+    # --- the shared model (optional; the defaults leave it as every other method sees it) ---
+    def client_rank(self, client_id: int) -> int | None:
+        """The rank r_i <= r this client trains at, or None for the model's rank r.
+
+        The engine emulates rank r_i inside the shared rank-r adapter: rows of A and columns of B
+        from r_i on are zero (they stay zero in training), and the layers scale by alpha / r_i.
+        """
+        return None
+
+    def base_delta(self, server: TensorDict) -> TensorDict | None:
+        """Additions to the frozen base weights, by LoRA module name, or None (the base is left alone).
+
+        In the adapter's units: the engine sets W = W0 + (alpha / r) * delta[m] for the whole round
+        (training and evaluation) and restores W0 bitwise after it (FLoRA's merged updates).
+        """
+        return None
+
+    def mixing_layers(self, server: TensorDict) -> list[int]:
+        """Transformer blocks that get a frozen external LoRA branch and a learnable per-block
+        mixing weight (`model/mixing.py`; FedTreeLoRA). The engine attaches them while the method
+        runs and removes them afterwards; their tensors then travel in the adapter state."""
+        return []
+
     # --- evaluation ------------------------------------------------------------------------
     def personal_adapter(self, server: TensorDict, client: TensorDict) -> TensorDict:
         return server
 
     def global_adapter(self, server: TensorDict) -> TensorDict | None:
         return server
+
+    # --- outputs ---------------------------------------------------------------------------
+    def save_extras(self, server: TensorDict, folder: Path) -> list[Path]:
+        """Method-specific artifacts (e.g. FedTreeLoRA's tree and picture) into a folder the
+        experiment layer chose; the only place a method writes files. Returns what it wrote."""
+        return []
 
 
 def clone(tensors: TensorDict) -> TensorDict:

@@ -30,3 +30,19 @@ def method_class(name: str) -> type[Method]:
 
 def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
     return method_class(name)(**(options or {}))
+
+
+def method_options(cfg, name: str) -> dict[str, Any]:
+    """The options for method `name` from `cfg.fl.method_args`.
+
+    Two forms: flat options for `fl.method` ({tau: 0.2}), or options keyed by method name for
+    comparisons ({fedtree: {tau: 0.2}, fedprox: {mu: 0.1}}). Flat options never leak into the
+    other methods of a comparison.
+    """
+    args = dict(cfg.fl.method_args or {})
+    if args and all(key in _METHODS for key in args):
+        chosen = args.get(name) or {}
+        if not isinstance(chosen, dict):
+            raise ValueError(f"fl.method_args.{name} must be a mapping of options")
+        return dict(chosen)
+    return args if name == cfg.fl.method else {}
