@@ -121,6 +121,11 @@ class Method:
         return []
 
 
+def factor(tensors: TensorDict, name: str) -> TensorDict:
+    """The tensors of one LoRA factor ('lora_A' or 'lora_B'), by name suffix."""
+    return {k: v for k, v in tensors.items() if k.endswith(name)}
+
+
 def clone(tensors: TensorDict) -> TensorDict:
     return {k: v.clone() for k, v in tensors.items()}
 

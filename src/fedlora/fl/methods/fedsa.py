@@ -20,13 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlora.fl.methods.base import ClientUpdate, Method, TensorDict, clone, weighted_mean
+from fedlora.fl.methods.base import ClientUpdate, Method, TensorDict, clone, factor, weighted_mean
 from fedlora.fl.methods.registry import register
-
-
-def _factor(tensors: TensorDict, factor: str) -> TensorDict:
-    """The tensors of one LoRA factor ('lora_A' or 'lora_B'), by name suffix."""
-    return {k: v for k, v in tensors.items() if k.endswith(factor)}
 
 
 @register
@@ -36,16 +31,16 @@ class FedSALoRA(Method):
     personalized = True
 
     def init_server(self, initial: TensorDict) -> TensorDict:
-        return clone(_factor(initial, "lora_A"))
+        return clone(factor(initial, "lora_A"))
 
     def init_client(self, client_id: int, initial: TensorDict) -> TensorDict:
-        return clone(_factor(initial, "lora_B"))
+        return clone(factor(initial, "lora_B"))
 
     def start_local(self, received: TensorDict, client: TensorDict) -> TensorDict:
         return {**received, **client}
 
     def upload(self, trained: TensorDict, client: TensorDict) -> tuple[TensorDict, TensorDict]:
-        return _factor(trained, "lora_A"), _factor(trained, "lora_B")
+        return factor(trained, "lora_A"), factor(trained, "lora_B")
 
     def aggregate(self, server: TensorDict, updates: Sequence[ClientUpdate]) -> TensorDict:
         return weighted_mean(updates, keys=list(server))

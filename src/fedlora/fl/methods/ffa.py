@@ -24,13 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlora.fl.methods.base import ClientUpdate, Method, TensorDict, clone, weighted_mean
+from fedlora.fl.methods.base import ClientUpdate, Method, TensorDict, clone, factor, weighted_mean
 from fedlora.fl.methods.registry import register
-
-
-def _factor(tensors: TensorDict, factor: str) -> TensorDict:
-    """The tensors of one LoRA factor ('lora_A' or 'lora_B'), by name suffix."""
-    return {k: v for k, v in tensors.items() if k.endswith(factor)}
 
 
 @register
@@ -43,16 +38,16 @@ class FFALoRA(Method):
         return clone(initial)
 
     def init_client(self, client_id: int, initial: TensorDict) -> TensorDict:
-        return clone(_factor(initial, "lora_A"))  # the shared, frozen A
+        return clone(factor(initial, "lora_A"))  # the shared, frozen A
 
     def download(self, server: TensorDict, client_id: int) -> TensorDict:
-        return _factor(server, "lora_B")
+        return factor(server, "lora_B")
 
     def start_local(self, received: TensorDict, client: TensorDict) -> TensorDict:
         return {**client, **received}
 
     def upload(self, trained: TensorDict, client: TensorDict) -> tuple[TensorDict, TensorDict]:
-        return _factor(trained, "lora_B"), client
+        return factor(trained, "lora_B"), client
 
     def aggregate(self, server: TensorDict, updates: Sequence[ClientUpdate]) -> TensorDict:
-        return {**server, **weighted_mean(updates, keys=list(_factor(server, "lora_B")))}
+        return {**server, **weighted_mean(updates, keys=list(factor(server, "lora_B")))}
