@@ -266,3 +266,25 @@ def test_register_validates():
         register(Clash)
     assert method_class("fedit") is FedIT
     assert register(FedIT) is FedIT  # re-registering the same class is harmless
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_survives_save_and_load(runs, fed, method):
+    """Round 1, states through safetensors bytes, round 2: the same as two rounds in one go."""
+    from fedlora.fl.engine import RunState
+    from fedlora.fl.payload import decode
+
+    full, _, _ = runs(method, 0)
+    sim = Simulator(fed, method, seed=0)
+    state = sim.initial_state()
+    first = sim.run_round(state)
+
+    def roundtrip(tensors):
+        return decode(encode(tensors))[0]
+
+    restored = RunState(server=roundtrip(state.server), clients=[roundtrip(c) for c in state.clients],
+                        optimizer=state.optimizer, round=state.round)
+    resumed = Simulator(fed, method, seed=0).run(restored)
+    assert strip_times(first + resumed.rows) == strip_times(full.rows)
+    assert _states_equal(resumed.state.server, full.state.server)
+    assert all(_states_equal(a, b) for a, b in zip(resumed.state.clients, full.state.clients))

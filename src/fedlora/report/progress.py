@@ -70,8 +70,10 @@ def print_comparison(table: list[dict], note: str) -> None:
         out.add_column(col, justify="right", no_wrap=True)
     for row in table:
         g = row["global"] or {}
-        out.add_row(row["method"], _short(row["clients"]["accuracy"]), _short(row["clients"]["auroc"]),
+        label = row["method"] + (" (own)" if row.get("scored_with") == "personal" else "")
+        out.add_row(label, _short(row["clients"]["accuracy"]), _short(row["clients"]["auroc"]),
                     _short(g.get("accuracy")), _short(g.get("auroc")), f"{row['megabytes']:.1f}")
     console = Console()
     console.print(out)
-    console.print(note, style="dim")
+    console.print(note + " (own): a personalized method, scored with each client's own adapter.",
+                  style="dim")

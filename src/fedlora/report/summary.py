@@ -49,6 +49,15 @@ def summarize(rows: list[dict], method: str, personalized: bool) -> dict:
     }
 
 
+def _scored_with(method: str) -> str:
+    """'personal' (each client's own adapter), 'global' (one adapter), or 'reference'."""
+    from fedlora.fl.methods import available_methods, method_class
+
+    if method not in available_methods():
+        return "reference"
+    return "personal" if method_class(method).personalized else "global"
+
+
 def comparison(per_seed: list[dict[str, list[dict]]]) -> list[dict]:
     """One row per method: client metrics pooled over (client, seed), global over seeds."""
     methods = list(per_seed[0])
@@ -61,6 +70,7 @@ def comparison(per_seed: list[dict[str, list[dict]]]) -> list[dict]:
                        if r["client"] == "server") for seed_rows in per_seed]
         table.append({
             "method": m,
+            "scored_with": _scored_with(m),
             "seeds": len(per_seed),
             "clients": {k: _stats([r[k] for r in clients]) for k in METRICS},
             "global": {k: _stats([r[k] for r in glob]) for k in METRICS} if glob else None,
@@ -78,13 +88,13 @@ def format_stats(stats: dict | None) -> str:
 
 
 def comparison_markdown(table: list[dict]) -> str:
-    head = ("| method | client acc | client macro-F1 | client AUROC | global acc | global macro-F1 "
+    head = ("| method | scored with | client acc | client macro-F1 | client AUROC | global acc | global macro-F1 "
             "| global AUROC | MB sent (up+down) |")
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
     for row in table:
         g = row["global"] or {}
         lines.append(
-            f"| {row['method']} | {format_stats(row['clients']['accuracy'])} | {format_stats(row['clients']['macro_f1'])} "
+            f"| {row['method']} | {row['scored_with']} | {format_stats(row['clients']['accuracy'])} | {format_stats(row['clients']['macro_f1'])} "
             f"| {format_stats(row['clients']['auroc'])} | {format_stats(g.get('accuracy'))} | {format_stats(g.get('macro_f1'))} "
             f"| {format_stats(g.get('auroc'))} | {row['megabytes']:.2f} |"
         )
@@ -95,8 +105,9 @@ def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet
     table = comparison(per_seed)
     (run_dir / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
     note = ("clients: each client's final score on its own test split, mean ± std over clients"
-            " (and seeds). global: the final global adapter on the held-out global test set"
-            " (± std over seeds); personalized methods and local-only have no global adapter.")
+            " (and seeds), with the method's global adapter or, for personalized methods, the"
+            " client's own. global: the final global adapter on the held-out global test set"
+            " (± std over seeds); personalized methods have none.")
     (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + "\n", encoding="utf-8")
     from fedlora.report.plots import plot_comparison
 
