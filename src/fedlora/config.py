@@ -131,6 +131,47 @@ class EvalConfig:
 
 
 @dataclass
+class RobustConfig:
+    """Byzantine clients and robust aggregation in the simulator (docs/robustness.md).
+
+    The defaults reproduce a run without any of it. Everything here acts on *updates*: a client's
+    upload minus what it started the round from (the server's download, identical for every
+    client of the methods that support this section).
+    """
+
+    aggregator: list[Any] | None = None
+    """A robust aggregation chain (pre-aggregators then one rule, names or {name: options}, e.g.
+    [nnm, trimmed_mean]); None keeps the method's own aggregation. Only for methods whose server
+    step starts from a weighted mean of the uploads (fedit, fedprox, ffa, fedsa, fedavgm, fedadagrad,
+    fedadam, fedyogi): the chain replaces that mean, computed on the clients' updates (upload
+    minus download) with one vote per client ('mean' alone keeps the example-count weights), and
+    the method's server step then runs on the result. Other methods refuse it (ValueError)."""
+    f: int = 0
+    """Byzantine clients the chain tolerates (its f); checked against the clients sampled per round
+    before the run starts."""
+    byzantine: int = 0
+    """How many clients are Byzantine: ids from attacks.choose_byzantine(num_clients, byzantine,
+    seed), written to byzantine.json; their metric rows carry "byzantine": true."""
+    attack: str = "none"
+    """What Byzantine clients send: 'none' (they behave honestly, or train on flipped labels with
+    label_flip), an update attack of fedlora.fl.attacks (sign_flip, ipm, alie, gaussian, mimic, inf,
+    optimal_ipm, optimal_alie; computed from this round's honest updates, omniscient), or
+    'malformed:<kind>' (attacks.MALFORMED_KINDS: nan, wrong_shape, pickle, ...), which the server
+    rejects on decode. Under an update or malformed attack Byzantine clients do not train (what
+    they would train is discarded anyway)."""
+    attack_args: dict[str, Any] = field(default_factory=dict)
+    """Options of the update attack (e.g. {scale: 100} for sign_flip)."""
+    label_flip: bool = False
+    """Data attack: Byzantine clients train honestly on their rows with labels reversed
+    (c -> C-1-c). Needs attack='none'."""
+    momentum: float | None = None
+    """Worker momentum beta in [0, 1) for honest clients (arXiv 2604.10179): with g_t = trained -
+    started (per uploaded tensor), the client keeps m_t = beta m_(t-1) + (1 - beta) g_t (m_0 = 0)
+    and uploads started + m_t instead of trained, so the server's mean or robust rule combines
+    momentum-smoothed updates. beta = 0 sends trained. None: no momentum."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
@@ -142,6 +183,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -281,3 +323,31 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_robust(cfg)
+
+
+def _validate_robust(cfg: RunConfig) -> None:
+    rb, n = cfg.robust, cfg.partition.num_clients
+    checks = [
+        (rb.f >= 0, "robust.f must be >= 0"),
+        (0 <= rb.byzantine < n, f"robust.byzantine must be in [0, partition.num_clients) = [0, {n})"),
+        (rb.momentum is None or 0 <= rb.momentum < 1, "robust.momentum must be in [0, 1) (or null)"),
+        (rb.aggregator is None or len(rb.aggregator) > 0, "robust.aggregator must name at least a rule (or be null)"),
+        (rb.attack == "none" or rb.byzantine >= 1, f"robust.attack={rb.attack} needs robust.byzantine >= 1"),
+        (not rb.label_flip or rb.byzantine >= 1, "robust.label_flip needs robust.byzantine >= 1"),
+        (not (rb.label_flip and rb.attack != "none"),
+         "robust.label_flip and robust.attack are alternative Byzantine behaviours; set attack=none to flip labels"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if rb.attack != "none":
+        from fedlora.fl.attacks import MALFORMED_KINDS, available_attacks
+
+        if rb.attack.startswith("malformed:"):
+            kind = rb.attack.split(":", 1)[1]
+            if kind not in MALFORMED_KINDS:
+                raise ConfigError(f"robust.attack: unknown malformed kind {kind!r}; one of {', '.join(MALFORMED_KINDS)}")
+        elif rb.attack not in available_attacks():
+            raise ConfigError(f"robust.attack: {rb.attack!r} is not 'none', 'malformed:<kind>' or one of "
+                              f"{', '.join(available_attacks())}")

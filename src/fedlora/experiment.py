@@ -106,7 +106,16 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
 
     started = time.perf_counter()
     method_obj = build_method(method, method_options(fed.cfg, method))
-    result = Simulator(fed, method_obj, seed=seed, on_round=on_round, progress=not quiet).run()
+    sim = Simulator(fed, method_obj, seed=seed, on_round=on_round, progress=not quiet)
+    rb = fed.cfg.robust
+    if rb.byzantine > 0:
+        # Who was Byzantine and what they did, beside the metrics (ids depend on the seed).
+        _write_json(run_dir / "byzantine.json", {
+            "method": method, "seed": sim.seed, "num_clients": len(sim.train_sets),
+            "byzantine": sim.byzantine, "attack": rb.attack, "attack_args": rb.attack_args,
+            "label_flip": rb.label_flip, "aggregator": rb.aggregator, "f": rb.f, "momentum": rb.momentum,
+        })
+    result = sim.run()
     progress.close()
     _save_adapters(fed, method_obj, result.state, run_dir / "adapters")
     method_obj.save_extras(result.state.server, run_dir)

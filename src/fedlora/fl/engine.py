@@ -5,6 +5,20 @@ copy the client's starting adapter into the shared model, run the local loop, en
 client sends, decode and validate it as a server would; then aggregate, and evaluate on schedule.
 Every random choice comes from generators derived from (seed, round, client), so the same config
 gives the same metrics, and a client's randomness does not depend on which others were sampled.
+
+Byzantine robustness (config `robust`, docs/robustness.md): Byzantine clients are fixed for the
+run by `choose_byzantine(num_clients, byzantine, seed)`. With label flipping they train on their
+rows with reversed labels (a copy of their training set; the Federation is untouched). With an
+update attack they do not train: once the honest clients of the round have uploaded, each sampled
+Byzantine client sends download + attack(honest updates), updates being upload - download,
+flattened by sorted name as `aggregate_tensors` does; with 'malformed:<kind>' it sends
+`attacks.malformed(kind, download)`. Every upload is decoded and validated as a server would; a
+payload that fails (`PayloadError`) is rejected, logged and listed in the server row, and the
+round goes on with the others (no update left: the server state is unchanged). A robust chain
+replaces the method's weighted mean: the server aggregates the updates with the chain, adds the
+download back, and hands the method that one update (summed example count), whose weighted mean
+is itself. Honest clients with worker momentum upload started + m_t (see RobustConfig.momentum).
+Pooled methods (centralized) are a reference and ignore the `robust` section.
 """
 
 from __future__ import annotations
@@ -18,9 +32,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedlora.fl.aggregate import Chain, aggregate_tensors, build_chain
+from fedlora.fl.attacks import attack as run_attack
+from fedlora.fl.attacks import choose_byzantine, flip_labels, malformed
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import ClientUpdate, Method, build_method, method_options
-from fedlora.fl.payload import decode, encode, spec_of
+from fedlora.fl.momentum import momentum_init, momentum_update
+from fedlora.fl.payload import PayloadError, decode, encode, spec_of
 from fedlora.model.lora import (adapter_parameters, base_weights, init_adapter_state, load_adapter_state,
                                 rank_scaling, set_base_weights, set_trainable, zero_pad_rank)
 from fedlora.model.mixing import attach_mixing, detach_mixing, mixed_layers
@@ -39,6 +57,10 @@ class RunState:
     clients: list[dict]
     optimizer: list[dict | None]
     round: int = 0
+    momentum: list[dict | None] | None = None
+    """Per-client worker-momentum state (`fl/momentum.py`) when robust.momentum is set."""
+    aggregator: dict | None = None
+    """The robust chain's state (e.g. centered clipping's previous output) when one is set."""
 
 
 @dataclass
@@ -107,6 +129,47 @@ class Simulator:
         pooled = self.method.pooled
         self._base_backup: dict[str, torch.Tensor] | None = None  # W0 of merged layers, during a round
         self.train_sets = [_pooled(fed)] if pooled else [c.train for c in fed.clients]
+        self._setup_robust()
+
+    def _setup_robust(self) -> None:
+        """Byzantine ids, flipped training sets and the robust chain; misuse fails here, before a round."""
+        rb, method = self.cfg.robust, self.method
+        self.robust_on = not method.pooled and (
+            rb.aggregator is not None or rb.byzantine > 0 or rb.momentum is not None)
+        self.byzantine: list[int] = []
+        self.chain: Chain | None = None
+        self.malformed_kind: str | None = None
+        if not self.robust_on:
+            return
+        self.byzantine = choose_byzantine(len(self.train_sets), rb.byzantine, self.seed)
+        update_attack = rb.attack != "none" and rb.byzantine > 0
+        if rb.attack.startswith("malformed:"):
+            self.malformed_kind = rb.attack.split(":", 1)[1]
+        needs_mean = [name for name, on in (("robust.aggregator", rb.aggregator is not None),
+                                            (f"robust.attack={rb.attack}", update_attack),
+                                            ("robust.momentum", rb.momentum is not None)) if on]
+        if needs_mean and not method.mean_aggregation:
+            raise ValueError(
+                f"method {method.name!r} does not aggregate by a weighted mean of the uploads, so "
+                f"{', '.join(needs_mean)} cannot apply to it (supported: fedit, fedprox, ffa, fedsa, "
+                "fedavgm, fedadagrad, fedadam, fedyogi)")
+        if rb.aggregator is not None:
+            self.chain = build_chain(rb.aggregator, rb.f)
+            self.chain.validate(self.num_sampled)
+        if rb.label_flip:
+            self.train_sets = list(self.train_sets)
+            for cid in self.byzantine:
+                data = self.train_sets[cid]
+                labels = flip_labels(np.asarray(data.labels), len(data.verbalizer_ids))
+                self.train_sets[cid] = EncodedExamples(list(data.prompt_ids), labels, data.verbalizer_ids)
+
+    @property
+    def num_sampled(self) -> int:
+        return 1 if self.method.pooled else max(1, round(self.cfg.fl.client_fraction * len(self.train_sets)))
+
+    def _attacker(self, cid: int) -> bool:
+        """A Byzantine client that sends an attack instead of what it trained (it does not train)."""
+        return cid in self.byzantine and self.cfg.robust.attack != "none"
 
     # --- set-up ----------------------------------------------------------------------------
     def initial_state(self) -> RunState:
@@ -116,11 +179,12 @@ class Simulator:
             server=self.method.init_server(initial),
             clients=[self.method.init_client(i, initial) for i in range(n)],
             optimizer=[None] * n,
+            momentum=[None] * n if self.robust_on and self.cfg.robust.momentum is not None else None,
         )
 
     def sample_clients(self, round_index: int) -> list[int]:
         n = len(self.train_sets)
-        m = max(1, round(self.cfg.fl.client_fraction * n))
+        m = self.num_sampled
         rng = np.random.default_rng([self.seed, round_index, 10**6])
         return sorted(rng.choice(n, size=m, replace=False).tolist())
 
@@ -160,13 +224,39 @@ class Simulator:
         with timer("swap"):
             trained = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in live.items()}
         payload, state.clients[cid] = method.upload(trained, state.clients[cid])
-        with timer("serialize"):
-            up_blob = encode(payload, {"num_examples": len(data), "client_id": cid})
-            tensors, meta = decode(up_blob, expected=spec_of(payload))
-        update = ClientUpdate(cid, tensors, int(meta["num_examples"]))
+        beta = self.cfg.robust.momentum
+        if beta is not None and self.robust_on and cid not in self.byzantine:
+            payload = self._with_momentum(state, cid, payload, start, beta)
         row = {"client": cid, "train_loss": result.loss, "local_steps": result.steps,
-               "bytes_up": len(up_blob) if payload else 0,
                "bytes_down": len(down_blob) if received else 0}
+        update, row = self.receive(cid, payload, len(data), row, timer)
+        return update, row
+
+    def _with_momentum(self, state: RunState, cid: int, payload: dict, start: dict, beta: float) -> dict:
+        """started + m_t, with m_t the client's momentum of g_t = trained - started (RobustConfig.momentum)."""
+        started = {k: start[k].detach().to("cpu", torch.float32) for k in payload}
+        g = {k: payload[k] - started[k] for k in payload}
+        if state.momentum is None:
+            state.momentum = [None] * len(self.train_sets)
+        mstate = state.momentum[cid] if state.momentum[cid] is not None else momentum_init(g)
+        sent, state.momentum[cid] = momentum_update(mstate, g, beta)
+        return {k: started[k] + sent[k] for k in payload}
+
+    def receive(self, cid: int, payload: dict | bytes, num_examples: int, row: dict,
+                timer: _Timer, expected: dict | None = None) -> tuple[ClientUpdate | None, dict]:
+        """Encode what client `cid` sends (bytes are sent as they are), decode and validate it as the
+        server does. A malformed payload is rejected: (None, row with 'rejected': True)."""
+        with timer("serialize"):
+            up_blob = payload if isinstance(payload, (bytes, bytearray)) else encode(
+                payload, {"num_examples": num_examples, "client_id": cid})
+            row["bytes_up"] = len(up_blob) if payload else 0
+            try:
+                tensors, meta = decode(up_blob, expected=spec_of(payload) if expected is None else expected)
+                update = ClientUpdate(cid, tensors, int(meta["num_examples"]))
+            except (PayloadError, KeyError, TypeError, ValueError) as exc:
+                log.warning("round payload from client %s rejected: %s", cid, exc)
+                row["rejected"] = True
+                return None, row
         return update, row
 
     def evaluate(self, state: RunState, timer: _Timer) -> list[dict]:
@@ -219,18 +309,34 @@ class Simulator:
         sampled = [0] if self.method.pooled else self.sample_clients(r)
         updates, rows = [], []
         for cid in sampled:
+            if self._attacker(cid):
+                continue  # sends after the honest clients, from their updates
             update, row = self.client_round(state, cid, r, timer)
             if self.method.pooled:
                 row["client"] = "pooled"  # the virtual client holding everyone's rows
             updates.append(update)
             rows.append(row)
+        attackers = [cid for cid in sampled if self._attacker(cid)]
+        if attackers:
+            byz_updates, byz_rows = self._attack_round(state, attackers, [u for u in updates if u is not None],
+                                                       r, timer)
+            updates += byz_updates
+            rows += byz_rows
+        rejected = [row["client"] for row in rows if row.get("rejected")]
+        updates = [u for u in updates if u is not None]
         with timer("aggregate"):
-            state.server = self.method.aggregate(state.server, updates)
+            if updates:
+                state.server = self._aggregate(state, updates, r)
+            else:
+                log.warning("round %d: no valid update; the server state is unchanged", r)
         self._merge_base(state.server, timer)  # evaluation sees this round's merged update
         self._sync_mixing(state.server)  # and this round's tree, when one was just built
         server = {"client": "server", "sampled": sampled,
                   "bytes_up": sum(row["bytes_up"] for row in rows),
                   "bytes_down": sum(row["bytes_down"] for row in rows)}
+        if self.robust_on:
+            server.update({"byzantine_sampled": [c for c in sampled if c in self.byzantine],
+                           "rejected": rejected, "num_rejected": len(rejected)})
         every = self.cfg.fl.eval_every
         if r == self.cfg.fl.rounds or (every and r % every == 0):
             # A client's training numbers and its test scores share one row.
@@ -243,7 +349,94 @@ class Simulator:
         state.round = r
         for row in rows:
             row.update({"round": r, "method": self.method.name})
+            if row["client"] in self.byzantine:
+                row["byzantine"] = True
         return rows
+
+    # --- Byzantine clients and robust aggregation --------------------------------------------
+    def _reference(self, server: dict, cid: int) -> dict[str, torch.Tensor]:
+        """What client `cid` starts from (the download; the same for every client of a mean method)."""
+        return {k: v.detach().to("cpu", torch.float32) for k, v in self.method.download(server, cid).items()}
+
+    def _generator(self, round_index: int, salt: int) -> torch.Generator:
+        seed = int(np.random.default_rng([self.seed, round_index, 10**6 + salt]).integers(2**62))
+        return torch.Generator().manual_seed(seed)
+
+    def _chain_fn(self, state: RunState, round_index: int):
+        """The server's aggregation as `[n, d] -> [d]` (for defence-aware attacks): the chain, or the mean."""
+        if self.chain is None:
+            return lambda x: x.mean(dim=0)
+        chain, chain_state = self.chain, state.aggregator
+
+        def agg(x: torch.Tensor) -> torch.Tensor:
+            return chain(x, chain_state, self._generator(round_index, 2))[0]
+
+        return agg
+
+    def _attack_round(self, state: RunState, attackers: list[int], honest: list[ClientUpdate],
+                      round_index: int, timer: _Timer) -> tuple[list[ClientUpdate | None], list[dict]]:
+        """What the sampled Byzantine clients send this round, decoded by the server like any upload."""
+        rb = self.cfg.robust
+        ref = self._reference(state.server, attackers[0])
+        expected = spec_of(ref)
+        n_examples = {cid: len(self.train_sets[cid]) for cid in attackers}
+        if self.malformed_kind is not None:
+            sent = {cid: malformed(self.malformed_kind, ref) for cid in attackers}
+        elif not honest:
+            log.warning("round %d: no honest update to attack from; Byzantine clients send the download", round_index)
+            sent = {cid: ref for cid in attackers}
+        else:
+            keys = sorted(ref)
+            deltas = torch.stack([torch.cat([(u.tensors[k].to(torch.float32) - ref[k]).reshape(-1) for k in keys])
+                                  for u in honest])
+            with timer("attack"):
+                byz = run_attack(rb.attack, deltas, len(attackers), self._generator(round_index, 1),
+                                 aggregate=self._chain_fn(state, round_index), **rb.attack_args)
+            sent = {}
+            for row_vec, cid in zip(byz, attackers):
+                out, start = {}, 0
+                for k in keys:
+                    size = ref[k].numel()
+                    out[k] = ref[k] + row_vec[start:start + size].reshape(ref[k].shape)
+                    start += size
+                sent[cid] = out
+        updates, rows = [], []
+        for cid in attackers:
+            row = {"client": cid, "bytes_down": len(encode(ref)) if ref else 0}
+            update, row = self.receive(cid, sent[cid], n_examples[cid], row, timer, expected=expected)
+            updates.append(update)
+            rows.append(row)
+        return updates, rows
+
+    def _aggregate(self, state: RunState, updates: list[ClientUpdate], round_index: int) -> dict:
+        """The method's aggregation, with the robust chain in place of its weighted mean when set."""
+        if self.chain is None:
+            return self.method.aggregate(state.server, updates)
+        ref = self._reference(state.server, updates[0].client_id)
+        keys = sorted(ref)
+        if any(sorted(u.tensors) != keys for u in updates):
+            raise ValueError(f"method {self.method.name!r}: uploads do not carry the downloaded tensors; "
+                             "a robust chain cannot aggregate them")
+        deltas = [{k: u.tensors[k].to(torch.float32) - ref[k] for k in keys} for u in updates]
+        chain = self.chain
+        dropped = self.num_sampled - len(updates)
+        if dropped > 0 and chain.f > 0:
+            # Rejected uploads count against f (they were Byzantine): n - r > 2(f - r) still holds.
+            chain = build_chain(self.cfg.robust.aggregator, max(0, chain.f - dropped))
+        weights = None
+        if chain.links[-1].name == "mean":
+            rows = len(updates)
+            for link in chain.links[:-1]:
+                rows = link.rows_out(rows)
+            if rows == len(updates):  # plain FedAvg weights when no pre-aggregator changes the rows
+                weights = [float(u.num_examples) for u in updates]
+        if state.aggregator is None:
+            state.aggregator = chain.init(sum(ref[k].numel() for k in keys))
+        gen = self._generator(round_index, 2) if chain.needs_generator else None
+        delta, state.aggregator = aggregate_tensors(chain, deltas, weights=weights, state=state.aggregator,
+                                                    generator=gen)
+        combined = ClientUpdate(-1, {k: ref[k] + delta[k] for k in keys}, sum(u.num_examples for u in updates))
+        return self.method.aggregate(state.server, [combined])
 
     def run(self, state: RunState | None = None) -> RunResult:
         state = state or self.initial_state()

@@ -50,6 +50,10 @@ class Method:
     fresh_each_round: ClassVar[bool] = False
     """Each round a client trains a fresh adapter the engine draws (A from (seed, round, client),
     B = 0) instead of the one `start_local` returns, with a fresh optimizer (FLoRA)."""
+    mean_aggregation: ClassVar[bool] = False
+    """`aggregate` starts from the example-weighted mean of the uploads (`weighted_mean`), every
+    client downloads the same tensors under the names it uploads, and aggregating one update
+    gives that update: the engine may then replace the mean by a robust chain (config `robust`)."""
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))

@@ -19,6 +19,7 @@ from fedlora.fl.methods.registry import register
 class FedIT(Method):
     name = "fedit"
     paper = "arXiv 2305.05644"
+    mean_aggregation = True
 
     def aggregate(self, server: TensorDict, updates: Sequence[ClientUpdate]) -> TensorDict:
         return weighted_mean(updates, keys=list(server))

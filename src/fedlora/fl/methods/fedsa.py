@@ -29,6 +29,7 @@ class FedSALoRA(Method):
     name = "fedsa"
     paper = "arXiv 2410.01463"
     personalized = True
+    mean_aggregation = True
 
     def init_server(self, initial: TensorDict) -> TensorDict:
         return clone(factor(initial, "lora_A"))

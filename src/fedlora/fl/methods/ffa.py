@@ -33,6 +33,7 @@ class FFALoRA(Method):
     name = "ffa"
     paper = "arXiv 2403.12313"
     train_mask = "b"
+    mean_aggregation = True
 
     def init_server(self, initial: TensorDict) -> TensorDict:
         return clone(initial)
