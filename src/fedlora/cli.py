@@ -3,6 +3,7 @@
     fedlora demo                         # embedded SmolLM2-135M, FedIT vs local-only vs zero-shot vs baseline
     fedlora run CONFIG [--set a.b=v ...] # one method
     fedlora compare CONFIG --methods fedit,local --seeds 2
+    fedlora robustness CONFIG [--attacks sign_flip,ipm] [--aggregators "mean;nnm+trimmed_mean"] [--f 0,1,2]
     fedlora datasets | fedlora models | fedlora methods
 """
 
@@ -51,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--methods", default="fedit,local", help="comma-separated method names")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    p = with_overrides(sub.add_parser("robustness", help="Byzantine sweep: attacks x aggregators x f x momentum"))
+    p.add_argument("config", help="YAML file, or a shipped config (e.g. robustness_tiny)")
+    p.add_argument("--attacks", default="sign_flip,ipm,alie,gaussian", help="comma-separated attack names")
+    p.add_argument("--attack-args", dest="attack_args", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                   help="an attack option, e.g. sign_flip.scale=100 (repeatable)")
+    p.add_argument("--aggregators", default="mean;median;trimmed_mean;krum;nnm+trimmed_mean",
+                   help="';'-separated chains, '+' joins a chain's steps (nnm+trimmed_mean)")
+    p.add_argument("--f", default="0,1,2,3", help="comma-separated numbers of Byzantine clients")
+    p.add_argument("--momentum", default="none,0.9", help="comma-separated worker-momentum betas ('none': off)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
     p = with_overrides(sub.add_parser("demo", help="the main job on embedded defaults (SmolLM2-135M, offline)"))
     p.add_argument("--methods", default=",".join(DEMO_METHODS))
     sub.add_parser("datasets", help="list built-in datasets")
@@ -75,6 +86,29 @@ def _print_rows(rows: list[dict], title: str) -> None:
     for row in rows:
         table.add_row(*[str(v) for v in row.values()])
     Console().print(table)
+
+
+def _split(text: str, sep: str = ",") -> list[str]:
+    return [t.strip() for t in text.split(sep) if t.strip()]
+
+
+def _robustness_args(args, seed: int) -> dict:
+    import yaml
+
+    attack_args: dict[str, dict] = {}
+    for item in args.attack_args:
+        key, sep, value = item.partition("=")
+        attack, dot, option = key.strip().partition(".")
+        if not sep or not dot or not option:
+            raise ValueError(f"--attack-args expects ATTACK.KEY=VALUE, got {item!r}")
+        attack_args.setdefault(attack, {})[option] = yaml.safe_load(value)
+    try:
+        fs = [int(f) for f in _split(args.f)]
+        momentum = [None if m.lower() in ("none", "null", "off") else float(m) for m in _split(args.momentum)]
+    except ValueError as exc:
+        raise ValueError(f"--f takes integers and --momentum numbers or 'none': {exc}") from None
+    return {"attacks": _split(args.attacks), "aggregators": _split(args.aggregators, ";"), "fs": fs,
+            "momentum": momentum, "seeds": [seed + k for k in range(args.seeds)], "attack_args": attack_args}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(config, args.overrides)
             if args.command == "run":
                 out = run(cfg, quiet=args.quiet)
+            elif args.command == "robustness":
+                from fedlora.robustness import robustness_sweep
+
+                out = robustness_sweep(cfg, **_robustness_args(args, cfg.seed), quiet=args.quiet)
             else:
                 methods = [m.strip() for m in args.methods.split(",") if m.strip()]
                 seeds = [cfg.seed + k for k in range(getattr(args, "seeds", 1))]
