@@ -107,7 +107,7 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
     attack not named there uses the config's robust.attack_args when robust.attack is that
     attack, else the attack's registered defaults.
     """
-    from fedlora.experiment import _write_json, new_run_dir  # noqa: F401  (avoid an import cycle)
+    from fedlora.experiment import new_run_dir  # here, not at the top: avoids an import cycle
 
     attacks = list(DEFAULT_ATTACKS if attacks is None else attacks)
     aggregators = list(DEFAULT_AGGREGATORS if aggregators is None else aggregators)
