@@ -32,13 +32,30 @@ log = logging.getLogger("fedlora")
 
 
 def new_run_dir(cfg: RunConfig, label: str) -> Path:
-    """A fresh directory under output_dir; an existing one is never reused or overwritten."""
+    """A fresh, empty directory under output_dir; an existing one is never reused or overwritten."""
     base = Path(cfg.output_dir) / (cfg.run_name or f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
     path, k = base, 1
     while path.exists():
         path, k = base.with_name(f"{base.name}-{k}"), k + 1
     path.mkdir(parents=True)
     return path
+
+
+def start_run_dir(cfg: RunConfig, label: str) -> Path:
+    """A new run directory holding the resolved config.yaml."""
+    path = new_run_dir(cfg, label)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def reseed(cfg: RunConfig, seed: int, fed: Federation | None) -> Federation:
+    """The federation for `seed` (new partitions and splits), reusing `fed`'s loaded model."""
+    cfg = replace(cfg, seed=seed)
+    if fed is None:
+        return prepare(cfg)
+    if fed.cfg == cfg:
+        return fed
+    return prepare(cfg, model=fed.model, tokenizer=fed.tokenizer, table=fed.table)
 
 
 def _write_json(path: Path, data) -> None:
@@ -156,8 +173,7 @@ def _save_adapters(fed: Federation, method, state, folder: Path) -> None:
 
 
 def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> tuple[Path, Federation]:
-    run_dir = new_run_dir(cfg, label)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    run_dir = start_run_dir(cfg, label)
     fed = fed or prepare(cfg)
     _write_json(run_dir / "partition.json", _partition_info(fed))
     if not quiet:
@@ -209,8 +225,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int] | None = None, 
     run_dir, fed = _start(replace(cfg, seed=seeds[0]), "compare", quiet, fed)
     per_seed: list[dict[str, list[dict]]] = []
     for seed in seeds:
-        if seed != fed.cfg.seed:
-            fed = prepare(replace(cfg, seed=seed), model=fed.model, tokenizer=fed.tokenizer, table=fed.table)
+        fed = reseed(cfg, seed, fed)
         rows = _references(fed)
         for m in methods:
             rows[m] = run_method(fed, m, run_dir / f"{m}-seed{seed}", quiet=quiet, seed=seed,

@@ -32,11 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from fedlora.config import RobustConfig, RunConfig
 from fedlora.fl.engine import Simulator
-from fedlora.fl.federation import prepare
 from fedlora.report.summary import final_rows
 
 log = logging.getLogger("fedlora")
@@ -107,7 +105,7 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
     attack not named there uses the config's robust.attack_args when robust.attack is that
     attack, else the attack's registered defaults.
     """
-    from fedlora.experiment import new_run_dir  # here, not at the top: avoids an import cycle
+    from fedlora.experiment import reseed, start_run_dir  # here, not at the top: avoids an import cycle
 
     attacks = list(DEFAULT_ATTACKS if attacks is None else attacks)
     aggregators = list(DEFAULT_AGGREGATORS if aggregators is None else aggregators)
@@ -132,8 +130,7 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
             return dict(attack_args[attack])
         return dict(cfg.robust.attack_args) if cfg.robust.attack == attack else {}
 
-    run_dir = new_run_dir(cfg, "robustness")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    run_dir = start_run_dir(cfg, "robustness")
     sweep_spec = {"method": method, "num_clients": n, "attacks": attacks,
                   "attack_args": {a: args_for(a) for a in attacks},
                   "aggregators": [chain_label(a) for a in aggregators], "fs": fs,
@@ -145,10 +142,7 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
     fed = None
     for seed in seeds:
         scfg = replace(cfg, seed=seed, robust=RobustConfig())
-        if fed is None:
-            fed = prepare(scfg)
-        else:
-            fed = prepare(scfg, model=fed.model, tokenizer=fed.tokenizer, table=fed.table)
+        fed = reseed(scfg, seed, fed)
         # The clean reference: the method's own aggregation, every client honest.
         _, ref_dw, _ = _run_cell(fed, method)
         for agg in aggregators:
