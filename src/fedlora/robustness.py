@@ -5,7 +5,7 @@ For each seed the Federation is prepared once (the model is reused across seeds)
 out of `partition.num_clients`, the chain told to tolerate f. f = 0 has no attacker, so it runs
 once per (aggregator, momentum) under the attack 'none'.
 
-Per cell and seed it records the final global-test accuracy, the mean accuracy of the honest
+Per cell and seed it records the final global-test accuracy and AUROC, the mean accuracy of the honest
 clients on their own test sets, and a model-free signal: the relative distance of the final
 global update ΔW = B A from that of a clean reference run (the method's own aggregation, no
 Byzantine client, no momentum, same seed):
@@ -88,6 +88,8 @@ def _run_cell(fed, method: str) -> tuple[dict, torch.Tensor | None, list[int]]:
               and r["client"] not in sim.byzantine]
     metrics = {
         "accuracy": glob[0]["accuracy"] if glob else float("nan"),
+        # AUROC reads the learned ranking even while a short budget leaves accuracy at a majority class.
+        "auroc": glob[0].get("auroc", float("nan")) if glob else float("nan"),
         "honest_client_accuracy": float(np.mean([r["accuracy"] for r in honest])) if honest else float("nan"),
     }
     adapter = sim.method.global_adapter(result.state.server)
@@ -201,7 +203,7 @@ def summarize_sweep(rows: list[dict]) -> dict:
     row_keys = list(dict.fromkeys((r["aggregator"], r["momentum"]) for r in rows))
     cols = _columns(rows)
     out: dict = {"rows": row_keys, "columns": cols, "fs": sorted({f for _, f in cols})}
-    for metric, worst_fn in (("accuracy", min), ("honest_client_accuracy", min), ("deviation", max)):
+    for metric, worst_fn in (("accuracy", min), ("auroc", min), ("honest_client_accuracy", min), ("deviation", max)):
         cells, worst = {}, {}
         for rk in row_keys:
             for col in cols:
@@ -248,6 +250,7 @@ def sweep_markdown(table: dict, spec: dict, seconds: float | None = None) -> str
         lines += ["", f"Wall time: {seconds:.0f} s."]
     for metric, title, digits in (
             ("accuracy", "Final global-test accuracy (higher is better)", 3),
+            ("auroc", "Final global-test AUROC (higher is better)", 3),
             ("honest_client_accuracy", "Final accuracy, mean over honest clients' own test sets", 3),
             ("deviation", "Deviation of the final global ΔW = BA from the clean run, "
                           "||ΔW - ΔW_ref|| / ||ΔW_ref|| (lower is better)", 2)):

@@ -103,6 +103,8 @@ def comparison_markdown(table: list[dict]) -> str:
 
 def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet: bool = False) -> list[dict]:
     table = comparison(per_seed)
+    # The raw rows let comparisons from separate runs (e.g. more seeds later) be merged exactly.
+    (run_dir / "rows.json").write_text(json.dumps(per_seed), encoding="utf-8")
     (run_dir / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
     note = ("clients: each client's final score on its own test split, mean ± std over clients"
             " (and seeds), with the method's global adapter or, for personalized methods, the"
