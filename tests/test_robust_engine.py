@@ -38,7 +38,9 @@ def _dist(a: dict, b: dict) -> float:
 def test_defaults_change_nothing(fed):
     sim, result = _server_after(fed)
     assert not sim.robust_on and sim.byzantine == [] and result.state.momentum is None
-    assert all("byzantine" not in r and "rejected" not in r for r in result.rows)
+    assert all("byzantine" not in r and not r.get("rejected") for r in result.rows)
+    servers = [r for r in result.rows if r["client"] == "server"]
+    assert servers and all(s["num_rejected"] == 0 and s["reject_reasons"] == {} for s in servers)
 
 
 def test_chain_validated_before_the_run(fed):
@@ -98,6 +100,7 @@ def test_malformed_upload_is_rejected_and_round_continues(fed, caplog):
     assert any("rejected" in rec.getMessage() for rec in caplog.records)
     server = next(r for r in rows if r["client"] == "server")
     assert server["rejected"] == byz and server["num_rejected"] == 1
+    assert server["reject_reasons"] == {"non_finite": 1}
     byz_row = next(r for r in rows if r["client"] == byz[0])
     assert byz_row["rejected"] is True and byz_row["byzantine"] is True and "train_loss" not in byz_row
     assert all(torch.isfinite(v).all() for v in state.server.values())

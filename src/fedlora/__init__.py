@@ -2,7 +2,7 @@
 
 from fedlora.config import ConfigError, RunConfig, load_config
 from fedlora.data import DataError, load_table, make_partition
-from fedlora.experiment import compare, run
+from fedlora.experiment import compare, resume, run
 from fedlora.fl.engine import Simulator
 from fedlora.fl.federation import Federation, prepare
 from fedlora.fl.methods import Method, available_methods, build_method, register
@@ -14,5 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DataError", "Federation", "Method", "ModelError", "PayloadError", "RunConfig",
     "Simulator", "available_methods", "build_method", "compare", "load_config", "load_model",
-    "load_table", "make_partition", "prepare", "register", "run",
+    "load_table", "make_partition", "prepare", "register", "resume", "run",
 ]

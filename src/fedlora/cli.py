@@ -2,8 +2,10 @@
 
     fedlora demo                         # embedded SmolLM2-135M, FedIT vs local-only vs zero-shot vs baseline
     fedlora run CONFIG [--set a.b=v ...] # one method
+    fedlora resume RUN_DIR               # continue a killed run from its newest good checkpoint
     fedlora compare CONFIG --methods fedit,local --seeds 2
     fedlora robustness CONFIG [--attacks sign_flip,ipm] [--aggregators "mean;nnm+trimmed_mean"] [--f 0,1,2]
+    fedlora flower local CONFIG --clients 3  # on Flower: SuperLink + SuperNodes here (docs/flower.md)
     fedlora datasets | fedlora models | fedlora methods
 """
 
@@ -62,8 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--f", default="0,1,2,3", help="comma-separated numbers of Byzantine clients")
     p.add_argument("--momentum", default="none,0.9", help="comma-separated worker-momentum betas ('none': off)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
+    p = sub.add_parser("resume", help="continue a killed `run` from its newest good checkpoint")
+    p.add_argument("run_dir", help="the run directory (holding config.yaml and checkpoints/)")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
     p = with_overrides(sub.add_parser("demo", help="the main job on embedded defaults (SmolLM2-135M, offline)"))
     p.add_argument("--methods", default=",".join(DEMO_METHODS))
+    p = with_overrides(sub.add_parser("flower", help="run on Flower (SuperLink + SuperNodes): see docs/flower.md"))
+    from fedlora.flower.cli import add_arguments as add_flower_arguments
+
+    add_flower_arguments(p)
     sub.add_parser("datasets", help="list built-in datasets")
     sub.add_parser("models", help="list the models fedlora can load offline")
     sub.add_parser("methods", help="list registered federated methods")
@@ -131,8 +140,17 @@ def main(argv: list[str] | None = None) -> int:
             from fedlora.fl.methods import available_methods, method_class
 
             _print_rows([{"name": m, "paper": method_class(m).paper or "-",
-                          "personalized": method_class(m).personalized} for m in available_methods()],
+                          "personalized": method_class(m).personalized,
+                          "decentralized": method_class(m).decentralized} for m in available_methods()],
                         "federated methods")
+        elif args.command == "flower":
+            from fedlora.flower.cli import flower_command
+
+            print(f"results: {flower_command(args, load_config(_config_path(args.config), args.overrides))}")
+        elif args.command == "resume":
+            from fedlora.experiment import resume
+
+            print(f"results: {resume(args.run_dir, quiet=args.quiet)}")
         else:
             from fedlora.experiment import compare, run
 

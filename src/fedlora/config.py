@@ -12,6 +12,7 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -116,6 +117,26 @@ class FLConfig:
     """Evaluate every k rounds (the last round is always evaluated). 0 = only at the end."""
     method_args: dict[str, Any] = field(default_factory=dict)
     """Method-specific options, documented in each method's docstring."""
+    checkpoint: bool = True
+    """Write an atomic checkpoint after every round (run_dir/checkpoints/; docs/reliability.md), so
+    `fedlora resume RUN_DIR` can continue a run that was killed."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (2: a corrupted newest one falls back to the last)."""
+    dropout: float = 0.0
+    """Probability that a sampled client is unavailable in a round (no download, no training), drawn
+    per (seed, round, client) (fl/faults.py)."""
+    deadline: float | None = None
+    """Simulated seconds the server waits for replies; a client's round takes Exponential(latency)
+    seconds, and one past the deadline is a straggler. None: no deadline."""
+    latency: float = 1.0
+    """Mean simulated seconds of a client's round (only used with a deadline)."""
+    straggler_policy: str = "drop"
+    """'drop' (a late update is discarded) or 'stale' (applied in the next round, weighted by staleness)."""
+    staleness: float = 0.5
+    """With straggler_policy=stale: a late update's example count is multiplied by this, in (0, 1]."""
+    min_replies: int = 1
+    """Fewest valid updates that make a round count; below it the round is skipped and logged, and
+    the server state is left unchanged. The centralized reference always needs its one reply."""
 
 
 @dataclass
@@ -172,6 +193,66 @@ class RobustConfig:
 
 
 @dataclass
+class DPConfig:
+    """User-level differential privacy: DP-FedAvg at the server (fl/dp.py, docs/privacy.md).
+
+    Off by default. Each sampled client's update (upload minus download, all uploaded tensors as
+    one vector) is clipped to L2 norm `clip`; the server sums the clipped updates, adds
+    N(0, (noise_multiplier * clip)^2) per coordinate and divides by m, the number of clients sampled
+    per round (uniform weights: example counts are ignored). Only for methods whose server step
+    starts from a weighted mean (fedit, fedprox, ffa, fedsa, fedavgm, fedadagrad, fedadam, fedyogi);
+    not with robust.aggregator or fl.straggler_policy=stale.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    """z: noise std on the sum of clipped updates is z * clip. 0 = clipping only (epsilon = inf)."""
+    clip: float = 0.1
+    """C: L2 bound on each client's update (the initial C with adaptive clipping). .inf = no
+    clipping, allowed only with noise_multiplier 0. 0.1 is Andrew et al.'s initial C."""
+    adaptive: bool = False
+    """Adaptive clipping (Andrew et al., arXiv 1905.03871): C follows the target quantile of the
+    update norms; the update noise is then z_update = (z^-2 - (2 count_noise)^-2)^-1/2."""
+    target_quantile: float = 0.5
+    """gamma: the share of updates left unclipped that C aims at (paper: 0.5, the median)."""
+    clip_lr: float = 0.2
+    """eta: geometric step C <- C exp(-eta (b - gamma)) (paper: 0.2)."""
+    count_noise: float | None = None
+    """sigma_b: std of the noise on the unclipped count; None = m / 20 (the paper's choice)."""
+    delta: float | None = None
+    """delta of the reported (epsilon, delta); None = min(1e-5, num_clients^-1.1)."""
+    target_epsilon: float | None = None
+    """Stop the run before the round that would take epsilon past this value; None = never."""
+    accountant: str = "rdp"
+    """'rdp' (Renyi DP, opacus RDPAccountant) or 'prv' (opacus PRVAccountant, tighter)."""
+
+
+@dataclass
+class TopologyConfig:
+    """The graph decentralized (gossip) methods run on (fl/topology.py, docs/decentralized.md).
+
+    Server-based methods ignore this section.
+    """
+
+    graph: str = "ring"
+    """'ring', 'torus' (2-D, rows x cols = num_clients), 'complete', 'kregular', 'erdos_renyi' (re-drawn
+    every round), 'pairwise' (a random matching re-drawn every round) or 'edges' (edges_file)."""
+    p: float = 0.5
+    """erdos_renyi: probability of each edge in a round."""
+    q: float = 0.1
+    """pairwise: probability that a matched pair meets in a round."""
+    k: int = 4
+    """kregular: every client's number of neighbours (k < num_clients, k * num_clients even)."""
+    edges_file: str | None = None
+    """edges: a text file with one 'i j' line per undirected edge (client ids from 0)."""
+    weights: str = "metropolis"
+    """'metropolis' (Metropolis-Hastings: symmetric, doubly stochastic) or 'uniform' (1 / (1 + degree)
+    on each neighbour and on oneself: row-stochastic only)."""
+    rho_samples: int = 200
+    """Random graphs: draws averaged to estimate E[W^T W] for the mixing rate rho."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
@@ -184,6 +265,8 @@ class RunConfig:
     fl: FLConfig = field(default_factory=FLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,7 +277,11 @@ _CHOICES = {
     "data.prompt_style": {"auto", "chat", "plain"},
     "partition.scheme": {"iid", "dirichlet", "quantity", "column"},
     "train.optimizer_state": {"reset", "keep"},
+    "fl.straggler_policy": {"drop", "stale"},
     "eval.baseline": {"logreg", "gboost", "none"},
+    "dp.accountant": {"rdp", "prv"},
+    "topology.graph": {"ring", "torus", "complete", "kregular", "erdos_renyi", "pairwise", "edges"},
+    "topology.weights": {"metropolis", "uniform"},
 }
 
 
@@ -228,6 +315,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):  # NaN passes no range check, so it would slip through validate()
+            raise ConfigError(f"{key}: expected a number, got NaN")
         return float(value)
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
@@ -246,7 +335,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be ints, None, ...
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
@@ -273,11 +362,37 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty `section:` line in the YAML file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0][:120]}); "
+                              "quote it, e.g. key='[a'") from None
     return data
+
+
+_MAX_VALUES, _MAX_DEPTH = 100_000, 32
+
+
+def _check_extent(data: Any) -> None:
+    """Refuse documents too large or too deep to be a config: YAML aliases (&a, *a) may expand
+    exponentially or refer to themselves, and to_dict()/safe_dump would then never finish."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > _MAX_VALUES or depth > _MAX_DEPTH:
+            raise ConfigError(f"config is too large or nested too deeply (over {_MAX_VALUES} values or "
+                              f"{_MAX_DEPTH} levels, YAML aliases counted as copies); check for an alias "
+                              "that refers to itself (&a [*a])")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -289,9 +404,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections "
+                              f"(e.g. 'fl: {{rounds: 3}}'), got a {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
+    _check_extent(data)
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg
@@ -323,7 +446,60 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_faults(cfg)
     _validate_robust(cfg)
+    from fedlora.fl.topology import check_topology  # a graph that cannot be built fails here
+
+    check_topology(cfg.topology, cfg.partition.num_clients)
+
+
+def _validate_faults(cfg: RunConfig) -> None:
+    fl = cfg.fl
+    sampled = max(1, round(fl.client_fraction * cfg.partition.num_clients))
+    checks = [
+        (fl.keep_checkpoints >= 1, "fl.keep_checkpoints must be >= 1 (2 lets a corrupted newest one fall back)"),
+        (0 <= fl.dropout < 1, "fl.dropout must be in [0, 1) (a probability per client per round)"),
+        (fl.deadline is None or fl.deadline > 0, "fl.deadline must be > 0 simulated seconds (or null: none)"),
+        (fl.latency > 0, "fl.latency must be > 0 (mean simulated seconds of a client's round)"),
+        (0 < fl.staleness <= 1, "fl.staleness must be in (0, 1] (the weight of a late update)"),
+        (fl.min_replies >= 1, "fl.min_replies must be >= 1"),
+        (fl.min_replies <= sampled,
+         f"fl.min_replies={fl.min_replies} exceeds the {sampled} clients sampled per round, so every round "
+         "would be skipped; lower it or raise fl.client_fraction / partition.num_clients"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    _validate_dp(cfg)
+
+
+def _validate_dp(cfg: RunConfig) -> None:
+    """DP settings that need no model; the method and m are checked by the simulator (fl/dp.py)."""
+    dp = cfg.dp
+    if not dp.enabled:
+        return
+    inf = float("inf")
+    checks = [
+        (0 <= dp.noise_multiplier < inf, "dp.noise_multiplier must be a finite number >= 0"),
+        (dp.clip > 0, "dp.clip must be > 0 (.inf for no clipping)"),
+        (dp.clip < inf or dp.noise_multiplier == 0,
+         "dp.clip=.inf (no clipping) needs dp.noise_multiplier=0: the noise is noise_multiplier * clip"),
+        (dp.clip < inf or not dp.adaptive, "dp.adaptive needs a finite initial dp.clip"),
+        (0 <= dp.target_quantile <= 1, "dp.target_quantile must be in [0, 1]"),
+        (dp.clip_lr >= 0, "dp.clip_lr must be >= 0"),
+        (dp.count_noise is None or dp.count_noise >= 0, "dp.count_noise must be >= 0 (or null for m / 20)"),
+        (dp.delta is None or 0 < dp.delta < 1, "dp.delta must be in (0, 1) (or null)"),
+        (dp.target_epsilon is None or dp.target_epsilon > 0, "dp.target_epsilon must be > 0 (or null)"),
+        (cfg.robust.aggregator is None,
+         "dp and robust.aggregator cannot be combined: DP noise is calibrated to the sum of clipped updates, "
+         "which a robust rule replaces (set one of them)"),
+        (cfg.fl.straggler_policy != "stale",
+         "dp and fl.straggler_policy=stale cannot be combined: a late update applied in the next round can add a "
+         "second clipped update of one client to that round, doubling the sensitivity the noise assumes"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def _validate_robust(cfg: RunConfig) -> None:

@@ -18,9 +18,11 @@ import numpy as np
 import yaml
 from safetensors.torch import save_file
 
-from fedlora.config import RunConfig
-from fedlora.fl.engine import RunResult, Simulator
+from fedlora.config import RunConfig, load_config
+from fedlora.fl.checkpoint import Checkpoint, CheckpointError, load_latest, restore_state
+from fedlora.fl.engine import RunResult, RunState, Simulator
 from fedlora.fl.federation import Federation, prepare
+from fedlora.fl.gossip import GossipSimulator
 from fedlora.fl.methods import build_method, method_class, method_options
 from fedlora.model.lora import init_adapter_state, load_adapter_state, save_peft_adapter
 from fedlora.report.progress import RoundProgress
@@ -106,13 +108,25 @@ def baseline(fed: Federation) -> list[dict]:
 
 
 def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
-               seed: int | None = None, zero_shot_rows: list[dict] | None = None) -> RunResult:
+               seed: int | None = None, zero_shot_rows: list[dict] | None = None,
+               resume_from: Checkpoint | None = None) -> RunResult:
     """Run one method on a prepared federation, streaming metrics to `run_dir/metrics.jsonl`.
 
     `zero_shot_rows`, when given, are drawn as round 0 in the plots (the untrained model).
+    With fl.checkpoint, a checkpoint goes to `run_dir/checkpoints/` after every round; with
+    `resume_from`, the run continues from that checkpoint and metrics.jsonl is cut back to its rows.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
+    if resume_from is not None:  # rows of rounds after the checkpoint were never saved in the state
+        who = {"method": method, "seed": fed.cfg.seed if seed is None else seed}
+        if {k: resume_from.info.get(k) for k in who} != who:
+            raise CheckpointError(f"{resume_from.path} was written by {resume_from.info.get('method')} with seed "
+                                  f"{resume_from.info.get('seed')}, not {who['method']} with seed {who['seed']}")
+        tmp = metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row, default=_jsonable) + "\n" for row in resume_from.rows),
+                       encoding="utf-8")
+        tmp.replace(metrics_path)
     progress = RoundProgress(method, fed.cfg.fl.rounds, quiet=quiet)
 
     def on_round(round_index: int, rows: list[dict]) -> None:
@@ -123,7 +137,9 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
 
     started = time.perf_counter()
     method_obj = build_method(method, method_options(fed.cfg, method))
-    sim = Simulator(fed, method_obj, seed=seed, on_round=on_round, progress=not quiet)
+    simulator = GossipSimulator if method_obj.decentralized else Simulator  # serverless: fl/gossip.py
+    sim = simulator(fed, method_obj, seed=seed, on_round=on_round, progress=not quiet,
+                    checkpoint_dir=run_dir / "checkpoints" if fed.cfg.fl.checkpoint else None)
     rb = fed.cfg.robust
     if rb.byzantine > 0:
         # Who was Byzantine and what they did, beside the metrics (ids depend on the seed).
@@ -132,12 +148,16 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
             "byzantine": sim.byzantine, "attack": rb.attack, "attack_args": rb.attack_args,
             "label_flip": rb.label_flip, "aggregator": rb.aggregator, "f": rb.f, "momentum": rb.momentum,
         })
-    result = sim.run()
+    if resume_from is None:
+        result = sim.run()
+    else:
+        result = sim.run(restore_state(RunState, resume_from.fields), resume_from.rows)
     progress.close()
     _save_adapters(fed, method_obj, result.state, run_dir / "adapters")
     method_obj.save_extras(result.state.server, run_dir)
     summary = summarize(result.rows, method, method_class(method).personalized)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    summary.update(sim.dp_summary(result.state))  # epsilon spent, when dp is on
     _write_json(run_dir / "summary.json", summary)
     from fedlora.report.plots import plot_rounds
 
@@ -173,8 +193,8 @@ def _save_adapters(fed: Federation, method, state, folder: Path) -> None:
 
 
 def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> tuple[Path, Federation]:
+    fed = fed or prepare(cfg)  # data, partition and model errors before any directory is written
     run_dir = start_run_dir(cfg, label)
-    fed = fed or prepare(cfg)
     _write_json(run_dir / "partition.json", _partition_info(fed))
     if not quiet:
         from rich.console import Console
@@ -208,6 +228,31 @@ def run(cfg: RunConfig, quiet: bool = False, fed: Federation | None = None) -> P
                                      zero_shot_rows=rows.get("zero-shot")).rows
     write_comparison([rows], run_dir, quiet=quiet)
     log.info("run directory: %s", run_dir)
+    return run_dir
+
+
+def resume(run_dir: str | Path, quiet: bool = False) -> Path:
+    """`fedlora resume RUN_DIR`: continue a `run` directory from its newest good checkpoint.
+
+    The config is the run's own config.yaml; the data, partitions and model are prepared again
+    from it (they are derived from the seed), the run state and metric rows come from the
+    checkpoint, and every round after it is run again. The result is the same, bit for bit, as a
+    run that was never interrupted (docs/reliability.md).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} has no config.yaml; pass a directory written by `fedlora run`")
+    cfg = load_config(run_dir / "config.yaml")
+    ckpt = load_latest(run_dir / "checkpoints")
+    if ckpt.info.get("config") != json.loads(json.dumps(cfg.to_dict())):
+        raise CheckpointError(f"{ckpt.path} was written with another config than {run_dir / 'config.yaml'}; "
+                              "restore that file or start a new run")
+    log.info("resuming %s after round %d of %d", run_dir, ckpt.round, cfg.fl.rounds)
+    fed = prepare(cfg)
+    rows = _references(fed)
+    rows[cfg.fl.method] = run_method(fed, cfg.fl.method, run_dir, quiet=quiet, zero_shot_rows=rows.get("zero-shot"),
+                                     resume_from=ckpt).rows
+    write_comparison([rows], run_dir, quiet=quiet)
     return run_dir
 
 

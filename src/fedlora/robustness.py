@@ -132,6 +132,8 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
             return dict(attack_args[attack])
         return dict(cfg.robust.attack_args) if cfg.robust.attack == attack else {}
 
+    # Data and model errors before any directory is written (the loop reuses this federation).
+    fed = reseed(replace(cfg, seed=seeds[0], robust=RobustConfig()), seeds[0], None)
     run_dir = start_run_dir(cfg, "robustness")
     sweep_spec = {"method": method, "num_clients": n, "attacks": attacks,
                   "attack_args": {a: args_for(a) for a in attacks},
@@ -141,7 +143,6 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
     jsonl = run_dir / "sweep.jsonl"
     started = time.perf_counter()
     rows: list[dict] = []
-    fed = None
     for seed in seeds:
         scfg = replace(cfg, seed=seed, robust=RobustConfig())
         fed = reseed(scfg, seed, fed)

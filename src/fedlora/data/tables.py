@@ -139,12 +139,22 @@ def _read_text(path: Path) -> str:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     text = _read_text(path)
-    header = next(csv.reader(io.StringIO(text)))
+    try:
+        header = next(csv.reader(io.StringIO(text)), [])
+    except csv.Error as exc:  # e.g. an unclosed quote in the header swallowing the whole file
+        raise DataError(f"{path}: the header row is not well-formed CSV ({exc}); check quoting") from None
     _check_duplicates([h.strip() for h in header], path)
     try:
-        frame = pd.read_csv(io.StringIO(text), skipinitialspace=True)
-    except pd.errors.ParserError as exc:
-        raise DataError(f"{path}: not a well-formed CSV ({exc}); check quoting and delimiters")
+        with warnings.catch_warnings():
+            # index_col=False: a row with one field too many must not silently become the index
+            # (shifting every column left); pandas then warns instead, and we refuse.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.StringIO(text), skipinitialspace=True, index_col=False)
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: some rows have more fields than the header row ({len(header)}); check for "
+                        "unquoted delimiters (e.g. a decimal comma) or a missing header name") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: not a well-formed CSV ({str(exc).strip()}); check quoting and delimiters") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
 
@@ -157,7 +167,11 @@ def _read_parquet(path: Path) -> pd.DataFrame:
             f"{path}: reading Parquet needs pyarrow; run `pip install pyarrow` "
             "(or `pip install fedlora[parquet]`), or save the table as CSV"
         ) from None
-    frame = pd.read_parquet(path)
+    try:
+        frame = pd.read_parquet(path)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid / ArrowIOError: not Parquet, truncated
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc)[:200]}); re-export it, or save "
+                        "the table as CSV") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     _check_duplicates(list(frame.columns), path)
     return frame
@@ -170,14 +184,17 @@ def _read_jsonl(path: Path, label_key: str) -> pd.DataFrame:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}); "
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+            raise DataError(f"{path}, line {number}: not valid JSON ({getattr(exc, 'msg', 'nested too deeply')}); "
                             'each line must be one object like {"text": "...", "label": "..."}')
         if not isinstance(obj, dict) or "text" not in obj or label_key not in obj:
             raise DataError(f'{path}, line {number}: each line needs a "text" and a '
                             f'"{label_key}" field, e.g. {{"text": "...", "{label_key}": "pos"}}')
         if not isinstance(obj["text"], str):
             raise DataError(f'{path}, line {number}: "text" must be a string')
+        if isinstance(obj[label_key], (list, dict)):  # a class name is one value, not a structure
+            raise DataError(f'{path}, line {number}: "{label_key}" must be a string, a number, true/false '
+                            f"or null (missing), got a JSON {'array' if isinstance(obj[label_key], list) else 'object'}")
         rows.append({"text": obj["text"], label_key: obj[label_key]})
     if not rows:
         raise DataError(f"{path}: no rows; add one JSON object per line")
@@ -299,6 +316,10 @@ def _clean(raw: pd.DataFrame, cfg: DataConfig, where: str, target: str, seed: in
                             "columns to keep in data.columns")
         kind = "text" if text_kind else infer_kind(frame[name])
         frame[name] = _convert(frame[name], kind, cfg.max_rare_fraction)
+        infinite = int(np.isinf(frame[name].to_numpy()).sum()) if kind == "numeric" else 0
+        if infinite:  # 'inf' or 1e400: no baseline, scaler or quantile can use it
+            raise DataError(f"{where}: numeric column {name!r} holds {infinite} infinite value(s) ('inf' or "
+                            "a number beyond float64 such as 1e400); fix them or leave those cells empty")
         columns.append(ColumnInfo(name, kind))
     # classes come from all labelled rows, so a subsample that misses a rare class keeps its name
     return frame.reset_index(drop=True), columns, classes

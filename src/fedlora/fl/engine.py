@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ import torch
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import ClientUpdate, Method, build_method, method_options
 from fedlora.fl.payload import PayloadError, decode, encode, spec_of
+from fedlora.fl.checkpoint import save_checkpoint, state_fields
+from fedlora.fl.faults import ClientFaults
 from fedlora.fl.robust_round import RobustRound
 from fedlora.model.lora import (adapter_parameters, base_weights, init_adapter_state, load_adapter_state,
                                 rank_scaling, set_base_weights, set_trainable, zero_pad_rank)
@@ -46,6 +49,10 @@ class RunState:
     """Per-client worker-momentum state (`fl/momentum.py`) when robust.momentum is set."""
     aggregator: dict | None = None
     """The robust chain's state (e.g. centered clipping's previous output) when one is set."""
+    stale: list[dict] | None = None
+    """Stragglers' updates waiting for the next round (fl.straggler_policy=stale; fl/faults.py)."""
+    dp: dict | None = None
+    """DP-FedAvg's clip norm and accountant history (`fl/dp.py`, JSON-serializable) when dp is on."""
 
 
 @dataclass
@@ -97,17 +104,28 @@ def _pooled(fed: Federation) -> EncodedExamples:
     return EncodedExamples(ids, labels, parts[0].verbalizer_ids)
 
 
-class Simulator(RobustRound):
+class Simulator(RobustRound, ClientFaults):
     """Runs one method on a prepared `Federation`.
+
+    With `checkpoint_dir`, an atomic checkpoint of the run state and the rows so far is written
+    after every round (fl/checkpoint.py); `run(state, rows)` continues from one.
 
     >>> result = Simulator(fed, "fedit").run()          # doctest: +SKIP
     """
 
+    serverless: bool = False
+    """True in `GossipSimulator`, which runs the decentralized methods."""
+
     def __init__(self, fed: Federation, method: str | Method, seed: int | None = None,
-                 on_round: Callable[[int, list[dict]], None] | None = None, progress: bool = False):
+                 on_round: Callable[[int, list[dict]], None] | None = None, progress: bool = False,
+                 checkpoint_dir: str | Path | None = None):
         self.fed = fed
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.cfg = fed.cfg
         self.method = method if isinstance(method, Method) else build_method(method, method_options(self.cfg, method))
+        if self.method.decentralized and not self.serverless:
+            raise ValueError(f"method {self.method.name!r} is decentralized: run it with fedlora.fl.gossip."
+                             "GossipSimulator (experiment.run_method picks it)")
         self.seed = self.cfg.seed if seed is None else seed
         self.on_round = on_round
         self.progress = progress
@@ -139,10 +157,21 @@ class Simulator(RobustRound):
 
     # --- one round -------------------------------------------------------------------------
     def client_round(self, state: RunState, cid: int, round_index: int, timer: _Timer) -> tuple[ClientUpdate, dict]:
-        fed, method, model = self.fed, self.method, self.fed.model
         with timer("serialize"):
-            down_blob = encode(method.download(state.server, cid))
+            down_blob = encode(self.method.download(state.server, cid))
             received, _ = decode(down_blob)
+        payload, row = self.local_round(state, cid, round_index, received, timer)
+        row["bytes_down"] = len(down_blob) if received else 0
+        return self.receive(cid, payload, len(self.train_sets[cid]), row, timer, round_index=round_index)
+
+    def local_round(self, state: RunState, cid: int, round_index: int, received: dict,
+                    timer: _Timer) -> tuple[dict, dict]:
+        """What client `cid` does with what it `received`: start, train, build its payload.
+
+        Returns (payload, row); only `state.clients[cid]`, `state.optimizer[cid]` and
+        `state.momentum[cid]` are read and updated, so a Flower ClientApp runs this same step.
+        """
+        fed, method, model = self.fed, self.method, self.fed.model
         fresh = method.fresh_each_round
         with timer("swap"):
             if fresh:  # FLoRA: a new LoRA on the current base, A seeded by (seed, round, client), B = 0
@@ -153,7 +182,7 @@ class Simulator(RobustRound):
             if rank is not None:
                 start = zero_pad_rank(start, rank)
             load_adapter_state(model, start)
-            params = set_trainable(model, method.train_mask)
+            params = set_trainable(model, method.train_mask_at(round_index))
         data = self.train_sets[cid]
         steps = num_local_steps(self.cfg.train, len(data))
         if method.pooled:
@@ -176,27 +205,38 @@ class Simulator(RobustRound):
         beta = self.cfg.robust.momentum
         if beta is not None and self.robust_on and cid not in self.byzantine:
             payload = self._with_momentum(state, cid, payload, start, beta)
-        row = {"client": cid, "train_loss": result.loss, "local_steps": result.steps,
-               "bytes_down": len(down_blob) if received else 0}
-        update, row = self.receive(cid, payload, len(data), row, timer)
-        return update, row
+        return payload, {"client": cid, "train_loss": result.loss, "local_steps": result.steps}
 
     def receive(self, cid: int, payload: dict | bytes, num_examples: int, row: dict,
-                timer: _Timer, expected: dict | None = None) -> tuple[ClientUpdate | None, dict]:
+                timer: _Timer, expected: dict | None = None,
+                round_index: int | None = None) -> tuple[ClientUpdate | None, dict]:
         """Encode what client `cid` sends (bytes are sent as they are), decode and validate it as the
-        server does. A malformed payload is rejected: (None, row with 'rejected': True)."""
+        server does (`payload.decode`: size, keys, shapes, dtypes, finite values, and the metadata's
+        round and sender when `round_index` is given). A rejected payload gives
+        (None, row with 'rejected': True and 'reject_reason': PayloadError.reason)."""
         with timer("serialize"):
             up_blob = payload if isinstance(payload, (bytes, bytearray)) else encode(
-                payload, {"num_examples": num_examples, "client_id": cid})
+                payload, {"num_examples": num_examples}, round_index=round_index, client_id=cid)
             row["bytes_up"] = len(up_blob) if payload else 0
             try:
-                tensors, meta = decode(up_blob, expected=spec_of(payload) if expected is None else expected)
-                update = ClientUpdate(cid, tensors, int(meta["num_examples"]))
-            except (PayloadError, KeyError, TypeError, ValueError) as exc:
-                log.warning("round payload from client %s rejected: %s", cid, exc)
-                row["rejected"] = True
+                tensors, meta = decode(up_blob, expected=spec_of(payload) if expected is None else expected,
+                                       expected_round=round_index, expected_sender=cid,
+                                       require_meta=("num_examples",))
+            except PayloadError as exc:
+                log.warning("round %s: payload from client %s rejected: %s", round_index, cid, exc)
+                row.update({"rejected": True, "reject_reason": exc.reason})
                 return None, row
-        return update, row
+        return ClientUpdate(cid, tensors, int(meta["num_examples"])), row
+
+    @staticmethod
+    def rejections(rows: list[dict]) -> dict:
+        """The server row's rejection counts: who, how many, and how many per reason code."""
+        rejected = [row for row in rows if row.get("rejected")]
+        reasons: dict[str, int] = defaultdict(int)
+        for row in rejected:
+            reasons[row.get("reject_reason", "invalid")] += 1
+        return {"rejected": [row["client"] for row in rejected], "num_rejected": len(rejected),
+                "reject_reasons": dict(sorted(reasons.items()))}
 
     def evaluate(self, state: RunState, timer: _Timer) -> list[dict]:
         fed, method, model = self.fed, self.method, self.fed.model
@@ -246,36 +286,49 @@ class Simulator(RobustRound):
         self._merge_base(state.server, timer)
         self._sync_mixing(state.server)
         sampled = [0] if self.method.pooled else self.sample_clients(r)
-        updates, rows = [], []
+        faults = self._draw_faults(sampled, r)
+        updates, rows, late = [], [], []
         for cid in sampled:
-            if self._attacker(cid):
-                continue  # sends after the honest clients, from their updates
-            update, row = self.client_round(state, cid, r, timer)
+            if self._attacker(cid) or cid in faults.dropped:
+                continue  # attackers send after the honest clients, from their updates
+            update, row = self._safe_client_round(state, cid, r, timer)
             if self.method.pooled:
                 row["client"] = "pooled"  # the virtual client holding everyone's rows
+            if update is not None and cid in faults.late:
+                row["late"] = True
+                late.append(cid)
+                self._hold_late(state, update, r)  # dropped, or buffered for the next round
+                update = None
             updates.append(update)
             rows.append(row)
-        attackers = [cid for cid in sampled if self._attacker(cid)]
+        attackers = [cid for cid in sampled if self._attacker(cid) and cid not in faults.dropped]
         if attackers:
             byz_updates, byz_rows = self._attack_round(state, attackers, [u for u in updates if u is not None],
                                                        r, timer)
             updates += byz_updates
             rows += byz_rows
-        rejected = [row["client"] for row in rows if row.get("rejected")]
         updates = [u for u in updates if u is not None]
+        stale = self._take_stale(state, r, updates)
+        updates += stale
+        needed = 1 if self.method.pooled else self.cfg.fl.min_replies
         with timer("aggregate"):
-            if updates:
+            if len(updates) >= needed:
                 state.server = self._aggregate(state, updates, r)
             else:
-                log.warning("round %d: no valid update; the server state is unchanged", r)
+                log.warning("round %d skipped: %d valid replies < fl.min_replies=%d; the server state is "
+                            "unchanged", r, len(updates), needed)
         self._merge_base(state.server, timer)  # evaluation sees this round's merged update
         self._sync_mixing(state.server)  # and this round's tree, when one was just built
         server = {"client": "server", "sampled": sampled,
                   "bytes_up": sum(row["bytes_up"] for row in rows),
                   "bytes_down": sum(row["bytes_down"] for row in rows)}
+        server.update(self.rejections(rows))  # every method, robust or not
+        server.update({"replies": len(updates), "skipped": len(updates) < needed, "dropped": faults.dropped,
+                       "late": late, "stale_applied": [u.client_id for u in stale],
+                       "failed": [row["client"] for row in rows if row.get("failed")]})
         if self.robust_on:
-            server.update({"byzantine_sampled": [c for c in sampled if c in self.byzantine],
-                           "rejected": rejected, "num_rejected": len(rejected)})
+            server["byzantine_sampled"] = [c for c in sampled if c in self.byzantine]
+        server.update(self.dp_metrics(state))  # epsilon so far, when dp is on (fl/dp.py)
         every = self.cfg.fl.eval_every
         if r == self.cfg.fl.rounds or (every and r % every == 0):
             # A client's training numbers and its test scores share one row.
@@ -292,18 +345,29 @@ class Simulator(RobustRound):
                 row["byzantine"] = True
         return rows
 
-    def run(self, state: RunState | None = None) -> RunResult:
+    def run(self, state: RunState | None = None, rows: list[dict] | None = None) -> RunResult:
+        """Rounds until fl.rounds; from `state` and its `rows` so far when resuming a checkpoint."""
         state = state or self.initial_state()
-        result = RunResult(self.method.name, self.method.personalized, state=state)
+        result = RunResult(self.method.name, self.method.personalized, rows=list(rows or []), state=state)
         try:
             while state.round < self.cfg.fl.rounds:
-                rows = self.run_round(state)
-                result.rows.extend(rows)
+                if self._dp_stop(state):  # the next round would pass dp.target_epsilon
+                    break
+                new_rows = self.run_round(state)
+                result.rows.extend(new_rows)
                 if self.on_round is not None:
-                    self.on_round(state.round, rows)
+                    self.on_round(state.round, new_rows)
+                if self.checkpoint_dir is not None:
+                    self.save_checkpoint(state, result.rows)
         finally:
             detach_mixing(self.fed.model)  # the shared model is plain PEFT again for what comes next
         return result
+
+    def save_checkpoint(self, state: RunState, rows: list[dict]) -> Path:
+        """The state after `state.round`, the rows so far, and what wrote them (checked on resume)."""
+        info = {"method": self.method.name, "seed": self.seed, "config": self.cfg.to_dict()}
+        return save_checkpoint(self.checkpoint_dir, state.round, state_fields(state), rows, info,
+                               keep=self.cfg.fl.keep_checkpoints)
 
     def _sync_mixing(self, server: dict) -> None:
         """Attach (or drop) the mixing layer on the blocks the method asks for (FedTreeLoRA)."""

@@ -65,12 +65,13 @@ def _encode(fed_tokenizer, serializer: RowSerializer, table: Table, rows: np.nda
 
 def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = None) -> Federation:
     """Load (or reuse) the model and table, partition, serialize and tokenize every split."""
+    # The table and partition first: a DataError shows before minutes of model loading.
+    table = table if table is not None else load_table(cfg.data, seed=cfg.seed)
+    partition = make_partition(table, cfg.partition, cfg.data, seed=cfg.seed)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model)
     if not hasattr(model, "peft_config"):
         model = wrap_lora(model, cfg.lora, seed=cfg.seed)
-    table = table if table is not None else load_table(cfg.data, seed=cfg.seed)
-    partition = make_partition(table, cfg.partition, cfg.data, seed=cfg.seed)
     rng = np.random.default_rng([cfg.seed, 7])
     cap = cfg.eval.max_examples
     clients = []

@@ -13,6 +13,9 @@ replaces the method's weighted mean: the server aggregates the updates with the 
 download back, and hands the method that one update (summed example count), whose weighted mean
 is itself. Honest clients with worker momentum upload started + m_t (see RobustConfig.momentum).
 Pooled methods (centralized) are a reference and ignore the `robust` section.
+
+Differential privacy (config `dp`, `fl/dp.py`) takes the same path: `_aggregate` hands the updates
+to `DPRound._dp_aggregate` (clipped, summed, noised, divided by m) in place of the method's mean.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from fedlora.fl.aggregate import Chain, aggregate_tensors, build_chain
 from fedlora.fl.attacks import attack as run_attack
 from fedlora.fl.attacks import choose_byzantine, flip_labels, malformed
+from fedlora.fl.dp import DPRound
 from fedlora.fl.methods import ClientUpdate
 from fedlora.fl.momentum import momentum_init, momentum_update
 from fedlora.fl.payload import encode, spec_of
@@ -37,11 +41,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedlora")
 
 
-class RobustRound:
+class RobustRound(DPRound):
     """Mixin of `Simulator`: uses its `cfg`, `method`, `seed`, `train_sets`, `num_sampled`, `receive`."""
 
     def _setup_robust(self) -> None:
-        """Byzantine ids, flipped training sets and the robust chain; misuse fails here, before a round."""
+        """Byzantine ids, flipped training sets, the robust chain and the DP settings; misuse fails
+        here, before a round."""
+        self._setup_dp()
         rb, method = self.cfg.robust, self.method
         self.robust_on = not method.pooled and (
             rb.aggregator is not None or rb.byzantine > 0 or rb.momentum is not None)
@@ -135,21 +141,30 @@ class RobustRound:
         updates, rows = [], []
         for cid in attackers:
             row = {"client": cid, "bytes_down": len(encode(ref)) if ref else 0}
-            update, row = self.receive(cid, sent[cid], n_examples[cid], row, timer, expected=expected)
+            update, row = self.receive(cid, sent[cid], n_examples[cid], row, timer, expected=expected,
+                                       round_index=round_index)
             updates.append(update)
             rows.append(row)
         return updates, rows
 
-    def _aggregate(self, state: RunState, updates: list[ClientUpdate], round_index: int) -> dict:
-        """The method's aggregation, with the robust chain in place of its weighted mean when set."""
-        if self.chain is None:
-            return self.method.aggregate(state.server, updates)
+    def _deltas(self, state: RunState, updates: list[ClientUpdate], who: str
+                ) -> tuple[dict[str, torch.Tensor], list[str], list[dict[str, torch.Tensor]]]:
+        """(download, its sorted names, upload - download per update), all float32."""
         ref = self._reference(state.server, updates[0].client_id)
         keys = sorted(ref)
         if any(sorted(u.tensors) != keys for u in updates):
             raise ValueError(f"method {self.method.name!r}: uploads do not carry the downloaded tensors; "
-                             "a robust chain cannot aggregate them")
-        deltas = [{k: u.tensors[k].to(torch.float32) - ref[k] for k in keys} for u in updates]
+                             f"{who} cannot aggregate them")
+        return ref, keys, [{k: u.tensors[k].to(torch.float32) - ref[k] for k in keys} for u in updates]
+
+    def _aggregate(self, state: RunState, updates: list[ClientUpdate], round_index: int) -> dict:
+        """The method's aggregation, with DP-FedAvg or the robust chain in place of its weighted mean
+        when set."""
+        if self.dp is not None:
+            return self._dp_aggregate(state, updates, round_index)
+        if self.chain is None:
+            return self.method.aggregate(state.server, updates)
+        ref, keys, deltas = self._deltas(state, updates, "a robust chain")
         chain = self.chain
         dropped = self.num_sampled - len(updates)
         if dropped > 0 and chain.f > 0:

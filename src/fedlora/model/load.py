@@ -238,10 +238,13 @@ def _load_gguf(gguf: Path, key: str, dtype: torch.dtype):
 def _from_pretrained(name: str, dtype: torch.dtype):
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        # safetensors only: a pickled pytorch_model.bin is code execution, so it is never loaded.
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
         if Path(name).expanduser().exists():
-            raise ModelError(f"cannot load a model from {name}: {exc}") from exc
+            raise ModelError(f"cannot load a model from {name}: {exc}\nfedlora reads safetensors weights only, "
+                             "never pickled .bin files; re-save a trusted model with "
+                             "save_pretrained(dir, safe_serialization=True)") from exc
         raise ModelError(
             f"cannot load Hugging Face model {name!r} (offline, not found, or not a causal LM): "
             f"{exc}\nThe default model.name={EMBEDDED!r} works offline."

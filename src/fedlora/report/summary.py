@@ -38,7 +38,7 @@ def summarize(rows: list[dict], method: str, personalized: bool) -> dict:
     clients = [r for r in final if isinstance(r["client"], int)]
     glob = [r for r in final if r["client"] == "global"]
     server = [r for r in rows if r["client"] == "server"]
-    return {
+    summary = {
         "method": method,
         "scored_on": "each client's own adapter" if personalized else "one global adapter",
         "rounds": max((r["round"] for r in rows), default=0),
@@ -46,6 +46,22 @@ def summarize(rows: list[dict], method: str, personalized: bool) -> dict:
         "global": {m: glob[0][m] for m in METRICS} if glob else None,
         "bytes_up": int(sum(r.get("bytes_up", 0) for r in server)),
         "bytes_down": int(sum(r.get("bytes_down", 0) for r in server)),
+    }
+    summary.update(_gossip_summary(clients, server))
+    return summary
+
+
+def _gossip_summary(clients: list[dict], server: list[dict]) -> dict:
+    """Decentralized runs (fl/gossip.py): each client's adapter on the global test (mean and spread
+    over clients), rho, rounds whose graph was disconnected, and the final consensus distances."""
+    if not server or "connected" not in server[-1]:
+        return {}
+    last = server[-1]
+    return {
+        "clients_on_global_test": {m: _stats([r.get(f"global_{m}") for r in clients]) for m in METRICS},
+        "rho": last["rho"],
+        "disconnected_rounds": sum(1 for r in server if not r["connected"]),
+        **{k: v for k, v in last.items() if k.startswith("consensus_")},
     }
 
 
@@ -66,6 +82,7 @@ def comparison(per_seed: list[dict[str, list[dict]]]) -> list[dict]:
         finals = [final_rows(seed_rows[m]) for seed_rows in per_seed]
         clients = [r for f in finals for r in f if isinstance(r["client"], int)]
         glob = [r for f in finals for r in f if r["client"] == "global"]
+        on_global = [r for r in clients if "global_accuracy" in r]  # gossip: every client's own adapter
         traffic = [sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in seed_rows[m]
                        if r["client"] == "server") for seed_rows in per_seed]
         table.append({
@@ -73,7 +90,8 @@ def comparison(per_seed: list[dict[str, list[dict]]]) -> list[dict]:
             "scored_with": _scored_with(m),
             "seeds": len(per_seed),
             "clients": {k: _stats([r[k] for r in clients]) for k in METRICS},
-            "global": {k: _stats([r[k] for r in glob]) for k in METRICS} if glob else None,
+            "global": ({k: _stats([r[f"global_{k}"] for r in on_global]) for k in METRICS} if on_global
+                       else {k: _stats([r[k] for r in glob]) for k in METRICS} if glob else None),
             "megabytes": float(np.mean(traffic)) / 1e6,
         })
     return table
@@ -109,7 +127,8 @@ def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet
     note = ("clients: each client's final score on its own test split, mean ± std over clients"
             " (and seeds), with the method's global adapter or, for personalized methods, the"
             " client's own. global: the final global adapter on the held-out global test set"
-            " (± std over seeds); personalized methods have none.")
+            " (± std over seeds); personalized methods have none; decentralized methods (dec_*,"
+            " tad_lora): each client's own adapter on the global test, ± std over clients and seeds.")
     (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + "\n", encoding="utf-8")
     from fedlora.report.plots import plot_comparison
 

@@ -45,6 +45,9 @@ class Method:
     """Centralized reference: the engine trains one client holding every client's training rows."""
     train_mask: ClassVar[str] = "ab"
     """Which LoRA factors local training updates: 'ab', 'a' or 'b'."""
+    decentralized: ClassVar[bool] = False
+    """Serverless: clients mix with graph neighbours (`fl/gossip.py`, methods deriving from
+    `GossipMethod` in `fl/methods/gossip_base.py`); the server `Simulator` refuses them."""
     defaults: ClassVar[dict[str, Any]] = {}
     """Method options (fl.method_args) and their defaults."""
     fresh_each_round: ClassVar[bool] = False
@@ -70,6 +73,11 @@ class Method:
         return {}
 
     # --- one client's round ----------------------------------------------------------------
+    def train_mask_at(self, round_index: int) -> str:
+        """The factors trained in round `round_index` (1-based): `train_mask` unless the method
+        alternates factors by round (TAD-LoRA, RoLoRA)."""
+        return self.train_mask
+
     def download(self, server: TensorDict, client_id: int) -> TensorDict:
         return server
 

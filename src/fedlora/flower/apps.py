@@ -1,0 +1,191 @@
+"""The Flower apps: `server_app` (runs on the SuperLink's side) and `client_app` (on each SuperNode).
+
+Both are thin: the ServerApp drives a `Coordinator` over Flower's Grid (Message API), the
+ClientApp hands each message to this process's `Node`. Message types used:
+  query     server -> every node: which partition are you, how many training rows?
+  train     server -> sampled nodes: the method's download; reply: the method's upload
+  evaluate  server -> every node: the adapter to score; reply: test metrics (JSON)
+All tensors travel as fedlora's safetensors bytes (`wire.py`), validated on receipt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora.flower.config import MIN_NODES_KEY, OUTPUT_KEY, TIMEOUT_KEY, run_config_of
+from fedlora.flower.coordinator import Coordinator, merge_round_rows
+from fedlora.flower.node import node_for
+from fedlora.flower.wire import RECORD
+
+log = logging.getLogger("fedlora")
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def _query(msg: Message, context: Context) -> Message:
+    node = node_for(context.run_config, context.node_config)
+    return Message(node.identify(), reply_to=msg)
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    node = node_for(context.run_config, context.node_config)
+    return Message(node.train(msg.content, context.state), reply_to=msg)
+
+
+@client_app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    node = node_for(context.run_config, context.node_config)
+    return Message(node.evaluate(msg.content, context.state), reply_to=msg)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "httpcore", "transformers", "peft", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        run(grid, context.run_config)
+    except BaseException:
+        out = context.run_config.get(OUTPUT_KEY)
+        if out:  # the launcher waits on the output folder: tell it the run failed, and why
+            Path(str(out)).mkdir(parents=True, exist_ok=True)
+            (Path(str(out)) / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        raise
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.3) -> list[Message]:
+    """Grid.send_and_receive with a short poll (Flower's sleeps 3 s between pulls): push, then pull
+    until every reply is in or `timeout` seconds passed. Returns the replies that came."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(poll)
+    return replies
+
+
+def _by_node(grid: Grid, contents: dict[int, RecordDict], kind: str, group: str,
+             timeout: float) -> dict[int, RecordDict]:
+    """Send contents[node] to each node; the good replies' content by node id."""
+    messages = [Message(content, dst_node_id=node, message_type=kind, group_id=group)
+                for node, content in contents.items()]
+    out = {}
+    for reply in _send_and_receive(grid, messages, timeout):
+        if reply.has_error():
+            log.warning("%s: node %s failed: %s", kind, reply.metadata.src_node_id, reply.error.reason)
+        else:
+            out[reply.metadata.src_node_id] = reply.content
+    return out
+
+
+def _exchange(grid: Grid, contents: dict[int, RecordDict], node_of: dict[int, int], kind: str,
+              group: str, timeout: float) -> dict[int, RecordDict]:
+    """Send one message per client, wait (at most `timeout` s), return the good replies by client."""
+    cid_of = {node: cid for cid, node in node_of.items()}
+    replies = _by_node(grid, {node_of[cid]: c for cid, c in contents.items()}, kind, group, timeout)
+    return {cid_of[node]: content for node, content in replies.items() if node in cid_of}
+
+
+def _wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < min_nodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {min_nodes} SuperNodes connected within {timeout:.0f} s")
+        time.sleep(0.5)
+    return nodes
+
+
+def _claims(replies: dict[int, RecordDict]) -> dict[int, int]:
+    """client id -> node id from replies that say `partition-id`; one node per id."""
+    node_of: dict[int, int] = {}
+    for node, content in replies.items():
+        cid = int(content[RECORD]["partition-id"])
+        if cid in node_of:
+            raise RuntimeError(f"two SuperNodes claim partition-id={cid}; each id must be held by one node")
+        node_of[cid] = node
+    return node_of
+
+
+def _discover(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
+    """client id -> Flower node id, by asking every connected node which partition it holds."""
+    return _claims(_by_node(grid, {node: RecordDict() for node in nodes}, MessageType.QUERY, "0", timeout))
+
+
+Exchange = Callable[[dict[int, RecordDict], str, str], dict[int, RecordDict]]
+"""(content per client id, message type, group id) -> the good replies' content per client id."""
+
+
+def drive(coord: Coordinator, node_of: dict[int, int], exchange: Exchange,
+          first: dict[int, RecordDict] | None = None, first_seconds: float = 0.0) -> Coordinator:
+    """The rounds: train the sampled clients, aggregate, evaluate every client on schedule.
+    `first`: round 1's train replies when they came already (the broadcast in `run`, which took
+    `first_seconds`, counted in round 1's time)."""
+    rounds = coord.cfg.fl.rounds
+    for r in range(1, rounds + 1):
+        started = time.perf_counter() - (first_seconds if r == 1 else 0.0)
+        if r == 1 and first is not None:
+            sampled, replies = coord.sample(1), first
+        else:
+            sampled = [cid for cid in coord.sample(r) if cid in node_of]
+            replies = exchange({cid: coord.train_content(r, cid) for cid in sampled}, MessageType.TRAIN, str(r))
+        train_rows = coord.absorb_train(r, sampled, replies)
+        eval_rows = []
+        if coord.evaluate_now(r):
+            scored = exchange({cid: coord.evaluate_content(cid) for cid in sorted(node_of)},
+                              MessageType.EVALUATE, str(r))
+            eval_rows = [coord.eval_row(cid, scored[cid]) for cid in sorted(scored)]
+        train_rows[-1]["time_flower_round"] = round(time.perf_counter() - started, 4)
+        coord.rows += merge_round_rows(train_rows, eval_rows, r, coord.method.name)
+        log.info("fedlora round %d/%d: %d of %d updates, %.2f s", r, rounds, len(replies), len(sampled),
+                 time.perf_counter() - started)
+    return coord
+
+
+def run(grid: Grid, run_config) -> Coordinator:
+    """The whole run over a Flower Grid: find the nodes, drive the rounds, save the outputs.
+
+    Which node holds which client id is learnt from replies. When round 1 sends every client the
+    same bytes (all sampled, a client-independent download: FedIT and most methods), round 1 is
+    broadcast and its replies say who is who; otherwise a `query` message asks first. Either way
+    the nodes do exactly the same training.
+    """
+    cfg = run_config_of(run_config)
+    timeout = float(run_config.get(TIMEOUT_KEY, 600))
+    n = cfg.partition.num_clients
+    coord = Coordinator(cfg)
+    nodes = _wait_for_nodes(grid, int(run_config.get(MIN_NODES_KEY, n)), timeout)
+    broadcast = coord.broadcast_content(1) if len(nodes) == n else None
+    first, started = None, time.perf_counter()
+    if broadcast is not None:
+        replies = _by_node(grid, {node: broadcast for node in nodes}, MessageType.TRAIN, "1", timeout)
+        node_of = _claims(replies)
+        first = {cid: replies[node] for cid, node in node_of.items()}
+    else:
+        node_of = _discover(grid, nodes, timeout)
+    absent = sorted(set(range(n)) - set(node_of))
+    if absent:
+        log.warning("no SuperNode answered for partitions %s; they count as dropped when sampled", absent)
+    exchange = lambda contents, kind, group: _exchange(grid, contents, node_of, kind, group, timeout)  # noqa: E731
+    drive(coord, node_of, exchange, first, time.perf_counter() - started if first is not None else 0.0)
+    out = run_config.get(OUTPUT_KEY)
+    if out:
+        coord.save(Path(str(out)))
+    return coord

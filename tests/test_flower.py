@@ -1,0 +1,231 @@
+"""fedlora over Flower: the same methods, real SuperLink and SuperNodes, equal to the simulator.
+
+Layers:
+- in-process: the ServerApp's round loop (`apps.drive`) over `Coordinator` and `Node` objects,
+  messages handed over directly; checks bitwise equality with `Simulator` (FedIT, FedSA-LoRA with
+  its B kept on the nodes), a dropped node, and payload validation on both sides;
+- end to end: `flower-superlink`, two `flower-supernode` processes and `flwr run` on loopback
+  (the deployment engine, subprocess isolation), compared with the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from conftest import make_config, strip_times  # noqa: E402
+from flwr.app import ConfigRecord, RecordDict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedlora import PayloadError, prepare  # noqa: E402
+from fedlora.fl.engine import Simulator  # noqa: E402
+from fedlora.fl.payload import encode  # noqa: E402
+from fedlora.flower.apps import drive  # noqa: E402
+from fedlora.flower.config import config_from_text, config_to_text, node_selection  # noqa: E402
+from fedlora.flower.coordinator import Coordinator  # noqa: E402
+from fedlora.flower.deploy import LocalDeployment, write_app  # noqa: E402
+from fedlora.flower.node import STATE_KEY, Node  # noqa: E402
+from fedlora.flower.wire import PAYLOAD, RECORD  # noqa: E402
+
+# Flower has no global test set (the server holds no data), so the simulator runs without one.
+FLOWER_OVERRIDES = ("fl.eval_every=0", "eval.global_test=false")
+SERVER_KEYS = ("sampled", "bytes_up", "bytes_down", "rejected", "num_rejected", "replies", "skipped")
+
+
+def _simulate(cfg, method):
+    return Simulator(prepare(cfg), method).run()
+
+
+def _in_process(cfg, drop: frozenset[int] = frozenset()):
+    """The ServerApp's loop with every node in this process; clients in `drop` never reply."""
+    coord = Coordinator(cfg)
+    n = cfg.partition.num_clients
+    nodes = {i: Node(cfg, {"partition-id": i, "num-partitions": n}) for i in range(n)}
+    states = {i: RecordDict() for i in nodes}
+
+    def exchange(contents, kind, group):
+        return {cid: getattr(nodes[cid], kind)(content, states[cid])
+                for cid, content in contents.items() if cid not in drop}
+
+    drive(coord, {i: 1000 + i for i in range(n)}, exchange)
+    return coord, nodes, states
+
+
+def assert_rows_match(flower_rows, sim_rows):
+    """Client rows identical (losses, bytes, test metrics); server rows on the keys both report."""
+    fl, sim = strip_times(flower_rows), strip_times(sim_rows)
+    assert [r for r in fl if r["client"] != "server"] == [r for r in sim if r["client"] != "server"]
+    fs, ss = [r for r in fl if r["client"] == "server"], [r for r in sim if r["client"] == "server"]
+    assert len(fs) == len(ss)
+    for a, b in zip(fs, ss):
+        assert {k: a[k] for k in SERVER_KEYS} == {k: b[k] for k in SERVER_KEYS}
+
+
+def assert_same(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), "adapters differ"
+
+
+# --- in process ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,extra", [("fedit", ()), ("fedsa", ()),
+                                          ("fedit", ("dp.enabled=true", "dp.noise_multiplier=0.5")),
+                                          ("fedit", ("robust.aggregator=[trimmed_mean]", "robust.f=1"))])
+def test_in_process_equals_simulator(method, extra):
+    """Server-side DP-FedAvg and robust chains run the simulator's own `_aggregate` too."""
+    cfg = make_config(f"fl.method={method}", *FLOWER_OVERRIDES, *extra)
+    ref = _simulate(cfg, method)
+    coord, _, states = _in_process(cfg)
+    assert_same(coord.state.server, ref.state.server)
+    assert_rows_match(coord.rows, ref.rows)
+    if method == "fedsa":  # each client's B stayed on its node, in Flower's context.state
+        for cid, state in states.items():
+            assert STATE_KEY in state
+            kept = Node(cfg, {"partition-id": cid}).load_state(state)
+            assert_same(kept, ref.state.clients[cid])
+
+
+def test_dropped_node_round_completes():
+    """A node that never answers is 'dropped'; the others' mean is the new server state."""
+    cfg = make_config(*FLOWER_OVERRIDES)
+    coord, _, _ = _in_process(cfg, drop=frozenset({1}))
+    servers = [r for r in coord.rows if r["client"] == "server"]
+    assert [s["dropped"] for s in servers] == [[1], [1]]
+    assert [s["replies"] for s in servers] == [2, 2]
+    assert {r["client"] for r in coord.rows if r.get("split") == "test"} == {0, 2}
+    assert all(torch.isfinite(v).all() for v in coord.state.server.values())
+
+
+def test_bad_upload_is_rejected_not_aggregated():
+    cfg = make_config(*FLOWER_OVERRIDES)
+    coord = Coordinator(cfg)
+    node = Node(cfg, {"partition-id": 0})
+    good = node.train(coord.train_content(1, 0), RecordDict())
+    tensors = {k: v.clone() for k, v in coord.state.server.items()}
+    tensors[next(iter(tensors))][0, 0] = float("nan")
+    bad = RecordDict({RECORD: ConfigRecord({**dict(good[RECORD]), PAYLOAD: encode(
+        tensors, {"num_examples": 5}, round_index=1, client_id=0)})})
+    wrong_sender = RecordDict({RECORD: ConfigRecord({**dict(good[RECORD]), PAYLOAD: encode(
+        coord.state.server, {"num_examples": 5}, round_index=1, client_id=2)})})
+    before = {k: v.clone() for k, v in coord.state.server.items()}
+    rows = coord.absorb_train(1, [0, 1], {0: bad, 1: wrong_sender})
+    assert rows[-1]["rejected"] == [0, 1] and rows[-1]["skipped"]
+    assert_same(coord.state.server, before)
+
+
+def test_node_rejects_unknown_download():
+    cfg = make_config(*FLOWER_OVERRIDES)
+    node = Node(cfg, {"partition-id": 0})
+    content = RecordDict({RECORD: ConfigRecord({PAYLOAD: encode({"evil": torch.zeros(3)}), "server-round": 1})})
+    with pytest.raises(PayloadError):
+        node.train(content, RecordDict())
+    not_safetensors = RecordDict({RECORD: ConfigRecord({PAYLOAD: b"\x80\x04pickle", "server-round": 1})})
+    with pytest.raises(PayloadError):
+        node.train(not_safetensors, RecordDict())
+
+
+def test_node_config_and_app_folder(tmp_path):
+    cfg = make_config()
+    assert config_from_text(config_to_text(cfg)) == cfg
+    assert node_selection({"partition-id": 2, "num-partitions": 3}, cfg) == (2, cfg)
+    with pytest.raises(ValueError, match="num-partitions"):
+        node_selection({"partition-id": 0, "num-partitions": 4}, cfg)
+    with pytest.raises(ValueError, match="partition-id=3"):
+        node_selection({"partition-id": 3}, cfg)
+    cid, own = node_selection({"partition-id": 1, "data-path": "/data/site.csv"}, cfg)
+    assert cid == 1 and own.data.source == "/data/site.csv" and own.partition.num_clients == 1
+    import tomllib
+
+    app = tomllib.loads((write_app(cfg, tmp_path / "app", tmp_path / "out") / "pyproject.toml").read_text())
+    assert app["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedlora.flower.apps:client_app"
+    assert config_from_text(app["tool"]["flwr"]["app"]["config"]["fedlora-config"]) == cfg
+
+
+def test_site_with_its_own_csv(tmp_path):
+    """`data-path=...`: the node's own table is all of its data; it trains and replies as client i."""
+    from fedlora.data import load_table
+
+    cfg = make_config(*FLOWER_OVERRIDES)
+    table = load_table(cfg.data, seed=0)
+    frame = table.frame.copy()
+    frame["diagnosis"] = [table.classes[k] for k in table.labels]
+    frame.iloc[:40].to_csv(tmp_path / "site.csv", index=False)
+    site_cfg = make_config(*FLOWER_OVERRIDES, "data.target=diagnosis")
+    node = Node(site_cfg, {"partition-id": 2, "data-path": str(tmp_path / "site.csv")})
+    assert node.cid == 2 and 0 < node.num_examples < 40
+    coord = Coordinator(site_cfg)
+    reply = node.train(coord.train_content(1, 2), RecordDict())
+    rows = coord.absorb_train(1, [2], {2: reply})
+    assert rows[0]["client"] == 2 and not rows[0].get("rejected") and rows[-1]["replies"] == 1
+
+
+def test_cli_writes_the_app(tmp_path):
+    from fedlora.cli import main
+
+    assert main(["flower", "app", "tiny", "--out", str(tmp_path / "app"), "--set", "fl.rounds=3"]) == 0
+    assert "rounds: 3" in (tmp_path / "app" / "pyproject.toml").read_text()
+
+
+def test_unsupported_settings_fail_early():
+    with pytest.raises(ValueError, match="optimizer_state=keep"):
+        Coordinator(make_config("train.optimizer_state=keep"))
+    for method in ("flora", "fedtree", "centralized"):
+        with pytest.raises(ValueError, match="not supported under Flower"):
+            Coordinator(make_config(f"fl.method={method}"))
+
+
+# --- end to end: real processes ------------------------------------------------------------------
+@pytest.mark.flower
+def test_real_superlink_and_supernodes_match_simulator(tmp_path):
+    """flower-superlink + 2 flower-supernode + `flwr run` on loopback: FedIT, tiny model, 2 rounds.
+
+    The final global adapter is bitwise equal to the simulator's (same config and seed: the same
+    partition, local seeds and float summation order), and so are every client's losses, test
+    metrics and byte counts. All processes are stopped even when the run fails."""
+    cfg = make_config("partition.num_clients=2", *FLOWER_OVERRIDES, output_dir=tmp_path)
+    started = time.perf_counter()
+    dep = LocalDeployment(cfg, tmp_path / "flower", round_timeout=120)
+    with dep:
+        out = dep.run_app(timeout=240)
+    wall = time.perf_counter() - started
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ref = _simulate(cfg, "fedit")
+    assert_same(load_file(str(out / "global_adapter.safetensors")), ref.state.server)
+    assert_rows_match(rows, ref.rows)
+    # Every process we started has exited (SIGTERM: 0 or -15), none was left to SIGKILL.
+    assert all(code in (0, -15) for code in dep.exit_codes.values()), dep.exit_codes
+    per_round = [r.get("time_flower_round") for r in rows if r["client"] == "server"]
+    print(f"flower e2e: {wall:.1f} s wall, rounds {per_round} s")
+
+
+@pytest.mark.flower
+@pytest.mark.skipif(not __import__("os").environ.get("FEDLORA_FLOWER_FULL"),
+                    reason="a second deployment (1-2 min); set FEDLORA_FLOWER_FULL=1 to run it")
+def test_killed_supernode_run_completes_without_it(tmp_path):
+    """SIGKILL one SuperNode (and its ClientApp) after it sent its round-1 update: round 2 waits at
+    most round-timeout for it, records it as dropped, aggregates the other node's update, and the
+    run finishes; nothing hangs and every process is stopped."""
+    cfg = make_config("partition.num_clients=2", *FLOWER_OVERRIDES, output_dir=tmp_path)
+    dep = LocalDeployment(cfg, tmp_path / "flower", round_timeout=60)
+    victim_log = tmp_path / "flower" / "logs" / "supernode-1.log"
+    killed = []
+
+    def kill_after_first_update():
+        text = victim_log.read_text() if victim_log.exists() else ""
+        sent = text.find("Sending: train message")
+        if not killed and sent >= 0 and "Sent successfully" in text[sent:]:
+            dep.kill_node(1)
+            killed.append(time.perf_counter())
+
+    with dep:
+        out = dep.run_app(timeout=300, on_wait=kill_after_first_update)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    servers = [r for r in rows if r["client"] == "server"]
+    assert killed and servers[0]["dropped"] == [] and servers[1]["dropped"] == [1]
+    assert servers[1]["replies"] == 1 and not servers[1]["skipped"]
+    assert [r["client"] for r in rows if r.get("split") == "test"] == [0]
+    assert load_file(str(out / "global_adapter.safetensors"))
