@@ -213,3 +213,19 @@ def test_centralized_reference_gets_no_faults(fed):
     sim = _sim(fed, "centralized", "fl.dropout=0.9", "fl.deadline=0.01", "fl.min_replies=3")
     server = _server_row(sim.run_round(sim.initial_state()))
     assert server["dropped"] == [] and server["late"] == [] and server["replies"] == 1 and not server["skipped"]
+
+
+def test_fedtree_warmup_waits_for_clients_that_dropped_out(fed, caplog):
+    """A client missing from warm-up has no B to place in the tree: warm-up goes on, the run does not stop."""
+    r = _round_with_dropout(0.5)
+    sim = _sim(fed, "fedtree", "fl.dropout=0.5", f"fl.rounds={r + 3}")
+    state = sim.initial_state()
+    state.round = r - 1  # the first warm-up round is one where a client drops out
+    with caplog.at_level(logging.WARNING, logger="fedlora"):
+        sim.run_round(state)
+    assert not sim.method.has_tree(state.server)
+    assert any("warm-up goes on" in m for m in caplog.messages)
+    while not sim.method.has_tree(state.server) and state.round < r + 20:
+        sim.run_round(state)
+    assert sim.method.has_tree(state.server)  # built once everyone has uploaded
+    assert "num_clients" not in state.server and not any(k.startswith("warm.") for k in state.server)

@@ -2,6 +2,8 @@
 
 1. Warm-up (`warmup_rounds`, default 1): FedIT rounds (FedAvg of A and B), as in the same group's
    FedLEASE; the server keeps each client's latest uploaded A_i, B_i and example count n_i.
+   Warm-up goes on past `warmup_rounds` until every client has uploaded once (a client that
+   dropped out or failed has no B to place in the tree).
 2. After the last warm-up round, once: D^(l)_ij = dist(B_{l,i}, B_{l,j}) per layer, D = mean_l D^(l);
    one agglomerative tree T on D; cuts from shallow to deep, c*_l = argmax over
    [c*_(l-1), c*_(l-1) + window) of phi, with phi(1) = tau and phi(c >= 2) = silhouette on D^(l)
@@ -28,6 +30,7 @@ Options (the paper leaves these open; defaults documented in docs/methods.md):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,8 @@ from fedlora.fl.methods.base import ClientUpdate, Method, TensorDict, weighted_m
 from fedlora.fl.methods.registry import register
 
 _LABELS, _LAYERS, _LINKAGE = "tree.labels", "tree.layers", "tree.linkage"
+
+log = logging.getLogger("fedlora")
 
 
 def _is_factor(name: str) -> bool:
@@ -76,6 +81,7 @@ class FedTreeLoRA(Method):
         return {**{k: v.clone() for k, v in initial.items()}, "round": torch.tensor(0)}
 
     def init_client(self, client_id: int, initial: TensorDict) -> TensorDict:
+        self._num_clients = max(getattr(self, "_num_clients", 0), client_id + 1)
         return {"client_id": torch.tensor(client_id)}
 
     # --- the tree, from server state -----------------------------------------------------------
@@ -96,7 +102,7 @@ class FedTreeLoRA(Method):
         return [int(layer) for row, layer in enumerate(layers) if len(torch.unique(labels[row])) > 1]
 
     def _adapter_names(self, server: TensorDict) -> list[str]:
-        return sorted(k for k in server if _is_factor(k) and not k.startswith("expert."))
+        return sorted(k for k in server if _is_factor(k) and not k.startswith(("expert.", "warm.")))
 
     # --- one client's round --------------------------------------------------------------------
     def download(self, server: TensorDict, client_id: int) -> TensorDict:
@@ -145,12 +151,20 @@ class FedTreeLoRA(Method):
         server["round"] = server["round"] + 1
         names = self._adapter_names(server)
         if not self.has_tree(server):
+            if "num_clients" not in server and getattr(self, "_num_clients", 0):
+                server["num_clients"] = torch.tensor(self._num_clients)  # saved with the state, for resume
             server.update(weighted_mean(updates, keys=names))
             for u in updates:  # remember each client's latest upload and size for the tree
                 server.update({f"warm.{u.client_id}.{k}": u.tensors[k] for k in names})
                 server[f"warm.{u.client_id}.n"] = torch.tensor(float(u.num_examples))
             if int(server["round"]) >= int(self.options["warmup_rounds"]):
-                server = self._build_tree(server, names)
+                missing = self._missing_from_warmup(server)
+                if missing:
+                    # A client that dropped out or failed has no B to place it in the tree: warm up
+                    # (FedAvg) for another round rather than stop the run.
+                    log.warning("fedtree: client(s) %s have not uploaded yet; warm-up goes on", missing)
+                else:
+                    server = self._build_tree(server, names)
             return server
         for u in updates:
             server["client_weights"][u.client_id] = float(u.num_examples)
@@ -164,6 +178,12 @@ class FedTreeLoRA(Method):
                 server[f"expert.{c}.{name}"] = weighted_mean(group, keys=[name])[name]
         return server
 
+    @staticmethod
+    def _missing_from_warmup(server: TensorDict) -> list[int]:
+        seen = {int(k.split(".")[1]) for k in server if k.startswith("warm.") and k.endswith(".n")}
+        n = int(server["num_clients"]) if "num_clients" in server else max(seen) + 1
+        return [c for c in range(n) if c not in seen]
+
     def _build_tree(self, server: TensorDict, names: list[str]) -> TensorDict:
         clients = sorted({int(k.split(".")[1]) for k in server if k.startswith("warm.") and k.endswith(".n")})
         if clients != list(range(len(clients))) or not clients:
@@ -176,7 +196,7 @@ class FedTreeLoRA(Method):
                                tau=float(self.options["tau"]), linkage=self.options["linkage"],
                                mode=self.options["mode"], fixed_clusters=self.options["fixed_clusters"])
         weights = torch.tensor([float(server[f"warm.{c}.n"]) for c in clients], dtype=torch.float64)
-        out = {k: v for k, v in server.items() if not k.startswith("warm.")}
+        out = {k: v for k, v in server.items() if not k.startswith("warm.") and k != "num_clients"}
         out[_LABELS] = torch.as_tensor(cuts.labels, dtype=torch.int64)
         out[_LAYERS] = torch.tensor(sorted({layer_index(k) for k in b_names}), dtype=torch.int64)
         out[_LINKAGE] = torch.as_tensor(cuts.linkage, dtype=torch.float64)
