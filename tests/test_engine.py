@@ -14,6 +14,7 @@ from conftest import make_config
 from fedlora import compare, load_config, prepare, run
 from fedlora.experiment import new_run_dir, run_method
 from fedlora.fl.engine import Simulator
+from fedlora.fl.methods import build_method
 from fedlora.model import build_tiny_model
 from fedlora.model.lora import load_adapter_state
 
@@ -156,3 +157,14 @@ def test_eval_every_skips_rounds(fed):
     evaluated = sorted({r["round"] for r in rows if "accuracy" in r})
     assert evaluated == [2, 3]  # every 2nd round, and always the last
     assert not math.isnan(sum(r["bytes_up"] for r in rows if r["client"] == "server"))
+
+
+def test_no_global_test_set_runs_and_scores_clients_only():
+    """data.global_test_fraction=0 (every row belongs to a client, as on a Flower node): the run
+    scores each client's own test split and writes no global row."""
+    cfg = make_config("data.global_test_fraction=0", "fl.rounds=1")
+    fed = prepare(cfg)
+    assert len(fed.global_test) == 0
+    rows = Simulator(fed, build_method("fedit")).run().rows
+    assert not [r for r in rows if r["client"] == "global"]
+    assert len([r for r in rows if r.get("split") == "test"]) == cfg.partition.num_clients

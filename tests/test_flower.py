@@ -73,6 +73,9 @@ def assert_same(a: dict, b: dict):
 
 # --- in process ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,extra", [("fedit", ()), ("fedsa", ()),
+                                          ("fedtree", ("fl.rounds=3", "fl.method_args={tau: -1.0}")),
+                                          ("flora", ("fl.rounds=3", "fl.eval_every=1")),
+                                          ("flora", ("fl.rounds=4", "fl.client_fraction=0.5")),
                                           ("fedit", ("dp.enabled=true", "dp.noise_multiplier=0.5")),
                                           ("fedit", ("robust.aggregator=[trimmed_mean]", "robust.f=1"))])
 def test_in_process_equals_simulator(method, extra):
@@ -82,11 +85,48 @@ def test_in_process_equals_simulator(method, extra):
     coord, _, states = _in_process(cfg)
     assert_same(coord.state.server, ref.state.server)
     assert_rows_match(coord.rows, ref.rows)
-    if method == "fedsa":  # each client's B stayed on its node, in Flower's context.state
+    if method in ("fedsa", "fedtree"):  # B (FedSA) or the lambdas (FedTreeLoRA) stayed on the node
         for cid, state in states.items():
             assert STATE_KEY in state
             kept = Node(cfg, {"partition-id": cid}).load_state(state)
             assert_same(kept, ref.state.clients[cid])
+            assert method == "fedsa" or any(k.endswith("mix_logit") for k in kept), "no mixed layer"
+
+
+def test_flora_node_that_missed_rounds_gets_the_whole_delta():
+    """FLoRA's nodes merge every round's stack into their own base. A node that missed two (here:
+    away in rounds 2 and 3) is sent the whole delta D with its next message and then holds exactly
+    the server's D; a node one stack behind gets that stack; the others get nothing extra."""
+    cfg = make_config("fl.method=flora", "fl.rounds=4", "fl.eval_every=1", *FLOWER_OVERRIDES[1:])
+    coord = Coordinator(cfg)
+    nodes = {i: Node(cfg, {"partition-id": i}) for i in range(3)}
+    states = {i: RecordDict() for i in nodes}
+    sent = []
+
+    def exchange(contents, kind, group):
+        sent.extend((group, kind, cid, sorted(k for k in c[RECORD] if k.startswith("base-")))
+                    for cid, c in contents.items())
+        away = {1} if group in ("2", "3") else set()
+        return {cid: getattr(nodes[cid], kind)(c, states[cid]) for cid, c in contents.items() if cid not in away}
+
+    drive(coord, {i: 1000 + i for i in range(3)}, exchange)
+    assert (("4", "train", 1, ["base-full", "base-version"]) in sent
+            and ("4", "train", 0, ["base-version"]) in sent and ("4", "evaluate", 0, ["base-stack", "base-version"]) in sent)
+    assert [r["dropped"] for r in coord.rows if r["client"] == "server"] == [[], [1], [1], []]
+    assert coord.base_version == 4
+    for cid, node in nodes.items():
+        delta, version = node._base_of(states[cid])
+        assert version == 4
+        assert_same({m + ".delta": d for m, d in delta.items()},
+                    {k: v for k, v in coord.state.server.items() if k.endswith(".delta")})
+
+
+def test_flora_node_behind_without_the_delta_fails_clearly():
+    cfg = make_config("fl.method=flora", *FLOWER_OVERRIDES)
+    node = Node(cfg, {"partition-id": 0})
+    record = ConfigRecord({"base-version": 2})
+    with pytest.raises(ValueError, match="holds base version 0 but the server is at 2"):
+        node._sync_base(record, None, RecordDict())
 
 
 def test_dropped_node_round_completes():
@@ -173,7 +213,7 @@ def test_cli_writes_the_app(tmp_path):
 def test_unsupported_settings_fail_early():
     with pytest.raises(ValueError, match="optimizer_state=keep"):
         Coordinator(make_config("train.optimizer_state=keep"))
-    for method in ("flora", "fedtree", "centralized"):
+    for method in ("centralized", "dec_lora"):
         with pytest.raises(ValueError, match="not supported under Flower"):
             Coordinator(make_config(f"fl.method={method}"))
 
@@ -203,8 +243,6 @@ def test_real_superlink_and_supernodes_match_simulator(tmp_path):
 
 
 @pytest.mark.flower
-@pytest.mark.skipif(not __import__("os").environ.get("FEDLORA_FLOWER_FULL"),
-                    reason="a second deployment (1-2 min); set FEDLORA_FLOWER_FULL=1 to run it")
 def test_killed_supernode_run_completes_without_it(tmp_path):
     """SIGKILL one SuperNode (and its ClientApp) after it sent its round-1 update: round 2 waits at
     most round-timeout for it, records it as dropped, aggregates the other node's update, and the

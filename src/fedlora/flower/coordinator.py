@@ -22,7 +22,8 @@ from fedlora.config import RunConfig
 from fedlora.fl.engine import RunState, Simulator, _Timer
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import build_method, method_options
-from fedlora.fl.payload import spec_of
+from fedlora.fl.methods.base import Method
+from fedlora.fl.payload import encode, spec_of
 from fedlora.flower.node import check_supported
 from fedlora.flower.wire import RECORD, blob_of, pack
 from fedlora.model import load_model, wrap_lora
@@ -53,6 +54,12 @@ class Coordinator:
         self.expected = {cid: spec_of(self.method.upload(initial, self.method.init_client(cid, initial))[0])
                          for cid in range(cfg.partition.num_clients)}
         self.rows: list[dict] = []
+        # FLoRA: each node merges every round's stacked adapter into its own base. The server
+        # counts the merges it made and what each node last said it holds, and sends a node that
+        # fell behind (not sampled, dropped) the whole delta instead of one stack.
+        self.moves_base = type(self.method).base_delta is not Method.base_delta
+        self.base_version = 0
+        self.node_base = dict.fromkeys(range(cfg.partition.num_clients), 0)
 
     @property
     def num_clients(self) -> int:
@@ -68,7 +75,27 @@ class Coordinator:
     # --- train -----------------------------------------------------------------------------
     def train_content(self, round_index: int, cid: int) -> RecordDict:
         return RecordDict({RECORD: pack(self.method.download(self.state.server, cid),
-                                        **{"server-round": round_index})})
+                                        **{"server-round": round_index}, **self._base_fields(cid, True))})
+
+    def _base_fields(self, cid: int, stack_in_payload: bool) -> dict:
+        """What node `cid` needs to hold base version `base_version` (methods with a base delta):
+        nothing, the last stack (unless the payload is that stack already), or the whole delta."""
+        if not self.moves_base:
+            return {}
+        fields = {"base-version": self.base_version}
+        held = self.node_base.get(cid, 0)
+        if held == self.base_version or (stack_in_payload and held == self.base_version - 1):
+            return fields
+        if held == self.base_version - 1:
+            fields["base-stack"] = encode(self.method.download(self.state.server, cid))
+        else:
+            fields["base-full"] = encode({f"{m}.delta": d for m, d in
+                                          self.method.base_delta(self.state.server).items()})
+        return fields
+
+    def _note_base(self, cid: int, record) -> None:
+        if self.moves_base and "base-version" in record:
+            self.node_base[cid] = int(record["base-version"])
 
     def broadcast_content(self, round_index: int) -> RecordDict | None:
         """One message for every client, when this round samples all of them and every client's
@@ -87,6 +114,7 @@ class Coordinator:
         timer, updates, rows = _Timer(), [], []
         for cid in sorted(replies):  # the simulator's order: the float sums match bitwise
             rec = replies[cid][RECORD]
+            self._note_base(cid, rec)
             # Scalars beside the payload are informative only; a reply without them still counts.
             row = {"client": cid, "train_loss": rec.get("train-loss", float("nan")),
                    "local_steps": rec.get("local-steps", 0), "bytes_down": rec.get("bytes-down", 0)}
@@ -100,6 +128,7 @@ class Coordinator:
         with timer("aggregate"):
             if len(updates) >= needed:
                 self.state.server = self.sim._aggregate(self.state, updates, round_index)
+                self.base_version += self.moves_base
             else:
                 log.warning("round %d skipped: %d valid replies < %d; the server state is unchanged",
                             round_index, len(updates), needed)
@@ -125,10 +154,10 @@ class Coordinator:
         downloads, which the node combines with its own state."""
         adapter = (self.method.download(self.state.server, cid) if self.method.personalized
                    else self.method.global_adapter(self.state.server))
-        return RecordDict({RECORD: pack(adapter)})
+        return RecordDict({RECORD: pack(adapter, **self._base_fields(cid, False))})
 
-    @staticmethod
-    def eval_row(cid: int, reply: RecordDict) -> dict:
+    def eval_row(self, cid: int, reply: RecordDict) -> dict:
+        self._note_base(cid, reply[RECORD])
         return {"client": cid, "split": "test", **json.loads(reply[RECORD]["metrics"])}
 
     # --- outputs ---------------------------------------------------------------------------

@@ -19,22 +19,28 @@ import logging
 import time
 from collections.abc import Mapping
 
+import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.config import RunConfig
+from fedlora.fl.client_tree import layer_index
 from fedlora.fl.engine import RunState, Simulator, _Timer
 from fedlora.fl.federation import prepare
 from fedlora.fl.methods import Method, build_method, method_options
-from fedlora.fl.payload import decode, encode, spec_of
+from fedlora.fl.payload import PayloadError, decode, encode, spec_of
 from fedlora.flower.config import config_to_text, node_selection, run_config_of
 from fedlora.flower.wire import PAYLOAD, RECORD, blob_of, check_subset, unpack
-from fedlora.model.lora import adapter_parameters, init_adapter_state, load_adapter_state
+from fedlora.model.lora import (adapter_parameters, base_weights, init_adapter_state, load_adapter_state,
+                                set_base_weights)
+from fedlora.model.mixing import EXT_A, EXT_B, attach_mixing, detach_mixing, mixed_layers
 from fedlora.train.evaluate import evaluate
 
 log = logging.getLogger("fedlora")
 
 STATE_KEY = "fedlora.client-state"
 """context.state key: this node's persistent method state (safetensors bytes)."""
+BASE_KEY = "fedlora.base"
+"""context.state key: FLoRA's merged base delta D on this node and its version (merges so far)."""
 
 _NODES: dict[tuple[str, str], Node] = {}
 
@@ -58,7 +64,10 @@ class Node:
         else:
             self.splits = self.fed.clients[self.cid]
         self.num_examples = len(self.sim.train_sets[self.cid])
-        self.adapter_spec = spec_of({k: v.detach() for k, v in adapter_parameters(self.fed.model).items()})
+        self.adapter_spec = _with_external_branches(
+            spec_of({k: v.detach() for k, v in adapter_parameters(self.fed.model).items()}))
+        self.moves_base = type(self.method).base_delta is not Method.base_delta
+        self._w0: dict | None = None  # the base weights FLoRA's delta is added to
         self.load_seconds = time.perf_counter() - started
 
     # --- persistent state ------------------------------------------------------------------
@@ -85,7 +94,12 @@ class Node:
         r = int(record["server-round"])
         blob = blob_of(record)
         received, _ = decode(blob)
-        check_subset(received, self.adapter_spec)
+        if self.moves_base:  # the payload is last round's stacked adapter: its rank is K r
+            check_stacked(received, self.adapter_spec)
+        else:
+            check_subset(received, self.adapter_spec)
+        self._sync_mixing(received)
+        version = self._sync_base(record, received, state)
         n = self.cfg.partition.num_clients
         run = RunState(server={}, clients=[{} for _ in range(n)], optimizer=[None] * n)
         run.clients[self.cid] = self.load_state(state)
@@ -97,7 +111,21 @@ class Node:
             "partition-id": self.cid, "server-round": r, "bytes-down": len(blob) if received else 0,
             "train-loss": float(row["train_loss"]), "local-steps": int(row["local_steps"]),
             "train-seconds": round(timer.seconds.get("train", 0.0), 4),
-            "prepare-seconds": round(self._take_load_seconds(), 4), "process-seconds": round(age, 4)}})})
+            "prepare-seconds": round(self._take_load_seconds(), 4), "process-seconds": round(age, 4),
+            **({} if version is None else {"base-version": version})}})})
+
+    def _sync_mixing(self, received: dict) -> None:
+        """FedTreeLoRA: attach the mixing layer on the blocks whose external expert was sent.
+
+        The simulator reads these blocks from the server state; a node has only what it received,
+        and the download names them exactly (one `mix_ext_A/B` pair per adapted module of a block
+        with two or more clusters)."""
+        layers = sorted({layer_index(k) for k in received if k.endswith(EXT_A)})
+        if layers != mixed_layers(self.fed.model):
+            if layers:
+                attach_mixing(self.fed.model, layers)
+            else:
+                detach_mixing(self.fed.model)
 
     def _take_load_seconds(self) -> float:
         """Seconds this process spent preparing, reported once (0 once the Node is reused)."""
@@ -108,11 +136,75 @@ class Node:
         """Score the adapter the server sent (personal methods: combined with the local state)."""
         received, _ = unpack(content[RECORD])
         check_subset(received, self.adapter_spec)
+        self._sync_mixing(received)
+        version = self._sync_base(content[RECORD], None, state)
         adapter = self.method.start_local(received, self.load_state(state)) if self.method.personalized else received
         load_adapter_state(self.fed.model, adapter)
         metrics = evaluate(self.fed.model, self.splits.test, self.fed.pad_id, self.cfg.eval.batch_size)
         # JSON keeps NaN (e.g. AUROC on a one-class test set) exactly as the simulator reports it.
-        return RecordDict({RECORD: ConfigRecord({"partition-id": self.cid, "metrics": json.dumps(metrics)})})
+        return RecordDict({RECORD: ConfigRecord({"partition-id": self.cid, "metrics": json.dumps(metrics),
+                                                 **({} if version is None else {"base-version": version})})})
+
+    def _sync_base(self, record, stack: dict | None, state: RecordDict) -> int | None:
+        """FLoRA: bring this node's base delta D to the server's version and set W = W0 + (alpha/r) D.
+
+        A train message's payload is the stack of the version it names; an evaluate message
+        carries it as `base-stack`; a node that fell behind gets the whole D as `base-full`.
+        Returns the version now held (None for methods that leave the base alone)."""
+        if not self.moves_base:
+            return None
+        delta, held = self._base_of(state)
+        target = int(record["base-version"])
+        if "base-full" in record:
+            full, _ = decode(bytes(record["base-full"]), expected={f"{m}.delta": (tuple(d.shape), d.dtype) for m, d in delta.items()})
+            delta, held = {m: full[f"{m}.delta"] for m in delta}, target
+        elif target == held + 1:
+            if stack is None:
+                stack, _ = decode(bytes(record["base-stack"]))
+                check_stacked(stack, self.adapter_spec)
+            delta, held = self.method.advance_base(delta, stack), target
+        elif target != held:
+            raise ValueError(f"node {self.cid} holds base version {held} but the server is at {target} and "
+                             f"sent neither the stack nor the whole delta; restart the run")
+        state[BASE_KEY] = ConfigRecord({PAYLOAD: encode({f"{m}.delta": d for m, d in delta.items()},
+                                                        {"version": held})})
+        if self._w0 is None:
+            self._w0 = base_weights(self.fed.model, sorted(delta))
+        set_base_weights(self.fed.model, self._w0, delta)
+        return held
+
+    def _base_of(self, state: RecordDict) -> tuple[dict, int]:
+        if BASE_KEY in state:
+            tensors, meta = decode(blob_of(state[BASE_KEY]))
+            return {k[: -len(".delta")]: v for k, v in tensors.items()}, int(meta["version"])
+        initial = init_adapter_state(self.fed.model, self.sim.seed)
+        return dict(self.method.base_delta(self.method.init_server(initial))), 0
+
+
+def check_stacked(tensors: Mapping[str, torch.Tensor], spec: Mapping) -> None:
+    """A stacked adapter (FLoRA's download): adapter names and dtypes; per module one rank R for
+    A (R x d_in) and B (d_out x R), the other dimension as in the adapter."""
+    for name, t in tensors.items():
+        if name not in spec or not name.endswith(("lora_A", "lora_B")):
+            raise PayloadError(f"unexpected tensor {name!r} in a stacked adapter")
+        shape, dtype = spec[name]
+        fixed = 1 if name.endswith("lora_A") else 0  # d_in of A, d_out of B
+        if t.dim() != 2 or t.shape[fixed] != shape[fixed] or t.dtype != dtype:
+            raise PayloadError(f"{name}: {tuple(t.shape)} {t.dtype} is not a stack of {tuple(shape)} {dtype}")
+    for name in (n for n in tensors if n.endswith("lora_A")):
+        partner = name[: -len("A")] + "B"
+        if partner not in tensors or tensors[partner].shape[1] != tensors[name].shape[0]:
+            raise PayloadError(f"{name}: no {partner} of the same rank in the stacked adapter")
+
+
+def _with_external_branches(spec: dict) -> dict:
+    """The adapter's spec plus a frozen external branch of the same shape per factor (FedTreeLoRA)."""
+    out = dict(spec)
+    for name, shape_dtype in spec.items():
+        for factor, ext in (("lora_A", EXT_A), ("lora_B", EXT_B)):
+            if name.endswith(factor):
+                out[name[: -len(factor)] + ext] = shape_dtype
+    return out
 
 
 def _process_age() -> float:
@@ -127,9 +219,6 @@ def _process_age() -> float:
 def check_supported(cfg: RunConfig, method) -> None:
     """What this adapter does not carry yet fails here, with the reason, before any round."""
     problems = []
-    hooks = [h for h in ("base_delta", "mixing_layers") if getattr(type(method), h) is not getattr(Method, h)]
-    if hooks:
-        problems.append(f"{method.name!r} changes the nodes' model between rounds ({', '.join(hooks)})")
     if getattr(method, "decentralized", False):
         problems.append(f"{method.name!r} is serverless (gossip between neighbours), not a server round")
     if method.pooled:

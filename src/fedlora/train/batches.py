@@ -69,6 +69,8 @@ def encode_examples(tokenizer, prompts: list[str], labels: np.ndarray, verbalize
     budget = max_length - max(len(v) for v in verbalizer_ids)
     if budget < 8:
         raise ValueError(f"data.max_length={max_length} leaves no room for the prompt")
+    if not prompts:  # e.g. no global test (data.global_test_fraction=0); tokenizers fail on []
+        return EncodedExamples([], np.zeros(0, dtype=np.int64), verbalizer_ids)
     texts, wrapped = format_prompts(tokenizer, prompts, style, system)
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not wrapped else []

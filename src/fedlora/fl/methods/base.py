@@ -113,6 +113,14 @@ class Method:
         """
         return None
 
+    def advance_base(self, delta: TensorDict, download: TensorDict) -> TensorDict:
+        """A client's own base delta after it merges one `download` (methods with `base_delta`).
+
+        The simulator reads the delta from the server state; a Flower node keeps its own copy and
+        advances it with what each round sends it, as the paper's clients do with their base.
+        """
+        raise NotImplementedError(f"{self.name} has no base delta to advance")
+
     def mixing_layers(self, server: TensorDict) -> list[int]:
         """Transformer blocks that get a frozen external LoRA branch and a learnable per-block
         mixing weight (`model/mixing.py`; FedTreeLoRA). The engine attaches them while the method

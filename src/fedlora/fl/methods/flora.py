@@ -138,10 +138,18 @@ class FLoRA(Method):
                 if not a_i.shape[0] == b_i.shape[1] <= r_i:
                     raise ValueError(f"flora: client {u.client_id} sent {m} with ranks {a_i.shape[0]} (A) and "
                                      f"{b_i.shape[1]} (B); expected equal and <= {r_i}")
-            a, b = stack(factors, scale)
-            step = (b.to(torch.float64) @ a.to(torch.float64)).to(torch.float32)
-            out[f"{m}.lora_A"], out[f"{m}.lora_B"] = a, b
-            out[f"{m}.delta"] = server[f"{m}.delta"] + step
+            out[f"{m}.lora_A"], out[f"{m}.lora_B"] = stack(factors, scale)
+        deltas = {m: server[f"{m}.delta"] for m in _modules(server, ".delta")}
+        out.update({f"{m}.delta": d for m, d in self.advance_base(deltas, out).items()})
+        return out
+
+    def advance_base(self, delta: TensorDict, download: TensorDict) -> TensorDict:
+        """D + B_glob A_glob per module (the product in fp64): the server's update of its D, and
+        what a Flower node does with the stacked adapter it downloads (bitwise the same)."""
+        out = {}
+        for m, d in delta.items():
+            a, b = download[f"{m}.lora_A"], download[f"{m}.lora_B"]
+            out[m] = d + (b.to(torch.float64) @ a.to(torch.float64)).to(torch.float32)
         return out
 
     def base_delta(self, server: TensorDict) -> TensorDict | None:
