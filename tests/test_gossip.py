@@ -326,3 +326,61 @@ def test_resume_from_checkpoint_equals_uninterrupted(fed, tmp_path, options, kee
         restore_state(RunState, ck.fields), ck.rows)
     assert strip_times(resumed.rows) == strip_times(full.rows)
     assert all(_states_equal(a, b) for a, b in zip(resumed.state.clients, full.state.clients, strict=True))
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+def _one_round(fed5, *overrides):
+    sim = GossipSimulator(_with(fed5, "partition.num_clients=5", *ER, "fl.rounds=1", "fl.eval_every=0",
+                                *overrides), "dec_lora")
+    state = sim.initial_state()
+    before = [dict(c) for c in state.clients]
+    rows = sim.run_round(state)
+    return sim, before, state, [r for r in rows if r["client"] == "server"][0], rows
+
+
+def test_gossip_dropout_takes_a_client_off_the_graph(fed5):
+    """A dropped client neither trains, sends nor mixes: its adapter is untouched and no edge
+    touches it; the others still train and mix."""
+    sim, before, state, net, rows = _one_round(fed5, "fl.dropout=0.5")
+    dropped = net["dropped"]
+    assert dropped and len(dropped) < 5, "seed 0 should drop some but not all of 5 clients at p=0.5"
+    for cid in dropped:
+        assert _states_equal(state.clients[cid], before[cid])
+        assert all(cid not in (j, i) for j, i, _ in net["edge_bytes"])
+    assert {r["client"] for r in rows if r.get("local_steps")} == set(range(5)) - set(dropped)
+
+
+def test_gossip_straggler_payload_misses_the_round(fed5):
+    """With a deadline, a late client trains but none of its payloads is delivered."""
+    sim, before, state, net, rows = _one_round(fed5, "fl.deadline=0.5")
+    late = net["late"]
+    assert late, "seed 0 should make someone late at deadline 0.5 x mean latency"
+    assert all(j not in late for j, _, _ in net["edge_bytes"])
+    assert all(r.get("local_steps") for r in rows if r["client"] in late)
+
+
+def test_gossip_failing_client_is_reported_and_run_goes_on(fed5, monkeypatch):
+    sim = GossipSimulator(_with(fed5, "partition.num_clients=5", *ER, "fl.rounds=1", "fl.eval_every=0"),
+                          "dec_lora")
+    original = sim.local_round
+
+    def flaky(state, cid, *args, **kwargs):
+        if cid == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return original(state, cid, *args, **kwargs)
+
+    monkeypatch.setattr(sim, "local_round", flaky)
+    state = sim.initial_state()
+    before = dict(state.clients[2])
+    rows = sim.run_round(state)
+    net = [r for r in rows if r["client"] == "server"][0]
+    assert net["failed"] == [2] and _states_equal(state.clients[2], before)
+    assert [r["error"] for r in rows if r["client"] == 2] == ["RuntimeError: out of memory (simulated)"]
+    assert all(2 not in (j, i) for j, i, _ in net["edge_bytes"])
+
+
+def test_gossip_stale_policy_is_refused(fed5):
+    with pytest.raises(ConfigError, match="straggler_policy"):
+        GossipSimulator(_with(fed5, *ER, "fl.deadline=1", "fl.straggler_policy=stale"), "dec_lora")

@@ -13,6 +13,12 @@ Per round t (`GossipSimulator._round`):
    payloads of N_t(i) and nothing else, and weights_i is its row of W_t (a rejected payload's
    weight goes to W_ii). All clients mix from the same pre-mix states (synchronous gossip).
 
+Faults (config `fl`, drawn as in the server simulator, `fl/faults.py`): a client that drops out,
+or whose training raises, is off line for the round: it neither trains, sends nor mixes, and
+W_t is built on the graph of the clients on line. A straggler past `fl.deadline` trains, but its
+payloads miss the round (its neighbours keep that weight on their own adapter); gossip has no
+server to buffer a late payload, so only `straggler_policy: drop` applies.
+
 Rows follow the server simulator's format. Per client: train loss, steps, bytes sent (`bytes_up`)
 and received (`bytes_down`), degree, the phase trained; on evaluated rounds its scores on its own
 test split and, as `global_accuracy` etc., on the global test (TAD-LoRA's convention). The
@@ -94,9 +100,18 @@ class GossipSimulator(Simulator):
     def _round(self, state: RunState) -> list[dict]:
         r, timer, method = state.round + 1, _Timer(), self.method
         adj = self.topology.adjacency(r)
+        faults = self._draw_faults(self.sample_clients(r), r)
+        rows = [self._guarded(state, cid, r, {"phase": method.train_mask_at(r)},
+                              lambda cid=cid: self._train(state, cid, r, timer))
+                for cid in self.sample_clients(r) if cid not in faults.dropped]
+        # An offline client (dropped out, or its training failed) leaves this round's graph: it
+        # neither sends nor mixes, and W is built on the graph of those that are on line.
+        offline = sorted({*faults.dropped, *(row["client"] for row in rows if row.get("failed"))})
+        adj = adj.copy()
+        adj[offline, :] = 0
+        adj[:, offline] = 0
         weights = self.topology.mixing(adj)
-        rows = [self._train(state, cid, r, timer) for cid in self.sample_clients(r)]
-        inboxes, edges, rejected = self.exchange(state.clients, adj, r, timer)
+        inboxes, edges, rejected = self.exchange(state.clients, adj, r, timer, late=faults.late)
         with timer("mix"):
             state.clients = [self._mix(state.clients[i], inboxes[i], weights[i], adj[i], i, r)
                              for i in range(len(adj))]
@@ -107,7 +122,9 @@ class GossipSimulator(Simulator):
         network = {"client": "server", "sampled": self.sample_clients(r), **self._graph_row(adj),
                    "phase": method.train_mask_at(r), "sent": method.sent_at(r),
                    "bytes_up": sum(b for _, _, b in edges), "bytes_down": 0, "edge_bytes": edges,
-                   "rejected": rejected, "num_rejected": len(rejected), **consensus_distance(state.clients)}
+                   "rejected": rejected, "num_rejected": len(rejected), "dropped": faults.dropped,
+                   "late": faults.late, "failed": [row["client"] for row in rows if row.get("failed")],
+                   **consensus_distance(state.clients)}
         if "interval" in method.options:
             network["interval"] = method.options["interval"]
         every = self.cfg.fl.eval_every
@@ -130,16 +147,19 @@ class GossipSimulator(Simulator):
         state.optimizer[cid] = {**saved, mask: state.optimizer[cid]} if not self.method.reset_optimizer else None
         return {**row, "phase": mask}
 
-    def exchange(self, clients: list[TensorDict], adj: np.ndarray, r: int,
-                 timer: _Timer) -> tuple[list[dict[int, TensorDict]], list[list[int]], list[list]]:
+    def exchange(self, clients: list[TensorDict], adj: np.ndarray, r: int, timer: _Timer,
+                 late: list[int] = ()) -> tuple[list[dict[int, TensorDict]], list[list[int]], list[list]]:
         """Every edge j -> i of the round's graph carries j's payload, encoded for that edge and
         validated by i. Returns each client's inbox {j: tensors}, [j, i, bytes] per edge, and
-        [j, i, reason] per rejected payload."""
+        [j, i, reason] per rejected payload. A `late` client's payloads miss the round's deadline:
+        its neighbours mix without them (their weight stays on the receiver's own adapter)."""
         payloads = [self.method.send(c, r) for c in clients]
         inboxes: list[dict[int, TensorDict]] = [{} for _ in clients]
         edges, rejected = [], []
         with timer("serialize"):
             for j, payload in enumerate(payloads):
+                if j in late:
+                    continue
                 for i in np.flatnonzero(adj[j]).tolist():
                     blob = encode(payload, {"num_examples": len(self.train_sets[j])}, round_index=r, client_id=j)
                     edges.append([j, i, len(blob)])
@@ -195,8 +215,8 @@ def _check_serverless(cfg) -> None:
     unsupported = [
         ("fl.client_fraction", fl.client_fraction != 1, "1 (every client trains every round; sparsity comes "
                                                         "from the topology)"),
-        ("fl.dropout", getattr(fl, "dropout", 0) not in (0, 0.0), "0"),
-        ("fl.deadline", getattr(fl, "deadline", None) is not None, "null"),
+        ("fl.straggler_policy", fl.deadline is not None and fl.straggler_policy != "drop",
+         "drop (a late payload misses the round; gossip has no server to buffer it)"),
         ("robust.byzantine", cfg.robust.byzantine > 0, "0 (robust gossip is out of scope)"),
         ("robust.aggregator", cfg.robust.aggregator is not None, "null"),
         ("robust.momentum", cfg.robust.momentum is not None, "null"),
