@@ -32,3 +32,25 @@ def test_fedit_round_on_smollm2_trains_adapters_and_scores(tmp_path):
     assert len(clients) == 2 and all(math.isfinite(r["train_loss"]) for r in clients)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in clients)
     assert len(adapter_parameters(fed.model)) == 2 * 2 * 30  # q,v x A,B x 30 layers
+
+
+def test_concordia_round_on_smollm2_generates_valid_rows_and_trains_on_them(tmp_path):
+    """The real pipeline: GReaT fit of each client's generator, sampling and strict parsing,
+    task training on synthetic rows only, influence targets, scorer fit, one GRPO step."""
+    from fedlora.fl.concordia import SCORER, ConcordiaSimulator
+
+    cfg = load_config("configs/demo.yaml", [
+        f"output_dir={tmp_path}", "partition.num_clients=2", "partition.scheme=iid", "data.max_rows=160",
+        "data.columns=[mean radius, mean texture, mean area]", "train.local_steps=1", "train.batch_size=4",
+        "fl.rounds=1", "eval.max_examples=4", "concordia.enabled=true", "concordia.synthetic_rows=12",
+        "concordia.generator={steps: 30, lr: 0.003, batch_size: 4}",
+        "concordia.grpo={group_size: 2, prompts_per_step: 1, steps: 1}", "concordia.scorer={subset: 8, epochs: 50}",
+    ])
+    fed = prepare(cfg)
+    result = ConcordiaSimulator(fed, "fedit").run()
+    clients = [r for r in result.rows if isinstance(r["client"], int)]
+    assert len(clients) == 2 and not any(r.get("failed") for r in clients), clients
+    assert all(r["syn_validity"] > 0 and r["syn_rows"] >= 1 for r in clients)
+    assert all(math.isfinite(r["grpo_reward"]) and math.isfinite(r["scorer_loss"]) for r in clients)
+    assert set(result.state.synthetic["ensemble"]) == {"0", "1"}
+    assert not any(k.startswith(SCORER) for k in result.state.server)

@@ -5,6 +5,7 @@
     fedlora resume RUN_DIR               # continue a killed run from its newest good checkpoint
     fedlora compare CONFIG --methods fedit,local --seeds 2
     fedlora robustness CONFIG [--attacks sign_flip,ipm] [--aggregators "mean;nnm+trimmed_mean"] [--f 0,1,2]
+    fedlora concordia CONFIG --variants real,concordia,static,decoupled   # synthetic tables (docs/concordia.md)
     fedlora flower local CONFIG --clients 3  # on Flower: SuperLink + SuperNodes here (docs/flower.md)
     fedlora datasets | fedlora models | fedlora methods
 """
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--f", default="0,1,2,3", help="comma-separated numbers of Byzantine clients")
     p.add_argument("--momentum", default="none,0.9", help="comma-separated worker-momentum betas ('none': off)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
+    p = with_overrides(sub.add_parser("concordia", help="Concordia and its baselines on identical partitions"))
+    p.add_argument("config", help="YAML file, or a shipped config (e.g. concordia_smollm2)")
+    p.add_argument("--variants", default="real,concordia,static,decoupled,uniform,local",
+                   help="comma-separated: real (Concordia off) and concordia.variant values")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
     p = sub.add_parser("resume", help="continue a killed `run` from its newest good checkpoint")
     p.add_argument("run_dir", help="the run directory (holding config.yaml and checkpoints/)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
@@ -162,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                 from fedlora.robustness import robustness_sweep
 
                 out = robustness_sweep(cfg, **_robustness_args(args, cfg.seed), quiet=args.quiet)
+            elif args.command == "concordia":
+                from fedlora.concordia import compare_variants
+
+                out = compare_variants(cfg, _split(args.variants), [cfg.seed + k for k in range(args.seeds)],
+                                       quiet=args.quiet)
             else:
                 methods = [m.strip() for m in args.methods.split(",") if m.strip()]
                 seeds = [cfg.seed + k for k in range(getattr(args, "seeds", 1))]

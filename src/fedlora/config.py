@@ -77,6 +77,11 @@ class DataConfig:
     global_test_fraction: float = 0.2
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    shift_column: str | None = None
+    """A numeric column whose top range becomes a shifted test set no client ever sees (rows with
+    a value above its `shift_quantile` quantile are held out before partitioning); scored with the
+    global adapter as the 'shifted' row (robustness to distribution shift)."""
+    shift_quantile: float = 0.8
 
 
 @dataclass
@@ -253,6 +258,37 @@ class TopologyConfig:
 
 
 @dataclass
+class ConcordiaConfig:
+    """Concordia (arXiv 2605.09855; fl/concordia.py, docs/concordia.md): clients train the task LoRA
+    on synthetic rows only, from their own LLM table generator, reweighted by utility scorers;
+    the generators are refined with GRPO rewarded by the ensemble of shared scorers.
+
+    Off unless `enabled`; `fl.method` is the server method that federates the task LoRA.
+    """
+
+    enabled: bool = False
+    variant: str = "concordia"
+    """'concordia' (the method), or a baseline on the same budget: 'static' (generate once, no
+    reweighting, no refinement), 'decoupled' (the generator keeps fine-tuning on real rows for
+    fidelity only; no reweighting), 'uniform' (no reweighting), 'local' (GRPO rewarded by the
+    client's own scorer only, no ensemble)."""
+    synthetic_rows: int = 64
+    """Rows each training client samples per round (valid rows are kept; the validity rate is logged)."""
+    refine_every: int = 1
+    """Rounds between generator refinements (GRPO, or fidelity steps for 'decoupled')."""
+    quality_every: int = 1
+    """Rounds between synthetic-table quality reports (0: never)."""
+    generator: dict[str, Any] = field(default_factory=dict)
+    """synth.generator.GeneratorConfig fields (fit steps, lr, temperature, ...)."""
+    grpo: dict[str, Any] = field(default_factory=dict)
+    """synth.grpo.GRPOConfig fields (group size, prompts, steps, beta, clip, lr)."""
+    scorer: dict[str, Any] = field(default_factory=dict)
+    """synth.scorer.ScorerConfig fields (hidden, epochs, subset, temperature, weight mode)."""
+    reward: dict[str, Any] = field(default_factory=dict)
+    """synth.generator reward terms (validity weight, copy penalty and its distance threshold)."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
@@ -267,6 +303,7 @@ class RunConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    concordia: ConcordiaConfig = field(default_factory=ConcordiaConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,6 +319,7 @@ _CHOICES = {
     "dp.accountant": {"rdp", "prv"},
     "topology.graph": {"ring", "torus", "complete", "kregular", "erdos_renyi", "pairwise", "edges"},
     "topology.weights": {"metropolis", "uniform"},
+    "concordia.variant": {"concordia", "static", "decoupled", "uniform", "local"},
 }
 
 

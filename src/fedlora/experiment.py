@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,6 +139,10 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
     started = time.perf_counter()
     method_obj = build_method(method, method_options(fed.cfg, method))
     simulator = GossipSimulator if method_obj.decentralized else Simulator  # serverless: fl/gossip.py
+    if fed.cfg.concordia.enabled:  # synthetic rows only, any server method (fl/concordia.py)
+        from fedlora.fl.concordia import ConcordiaSimulator
+
+        simulator = ConcordiaSimulator
     sim = simulator(fed, method_obj, seed=seed, on_round=on_round, progress=not quiet,
                     checkpoint_dir=run_dir / "checkpoints" if fed.cfg.fl.checkpoint else None)
     rb = fed.cfg.robust
@@ -155,6 +160,7 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
     progress.close()
     _save_adapters(fed, method_obj, result.state, run_dir / "adapters")
     method_obj.save_extras(result.state.server, run_dir)
+    sim.save_extras(result, run_dir)
     summary = summarize(result.rows, method, method_class(method).personalized)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     summary.update(sim.dp_summary(result.state))  # epsilon spent, when dp is on
@@ -266,15 +272,28 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int] | None = None, 
     """
     for m in methods:
         method_class(m)
+    run_dir, per_seed = run_per_seed(cfg, "compare", [(m, m, None) for m in methods], seeds, quiet, fed)
+    write_comparison(per_seed, run_dir, quiet=quiet)
+    return run_dir
+
+
+Job = tuple[str, str, "Callable[[RunConfig], RunConfig] | None"]
+"""(label, method, how the label changes the config or None): one run per seed of `run_per_seed`."""
+
+
+def run_per_seed(cfg: RunConfig, kind: str, jobs: list[Job], seeds: list[int] | None, quiet: bool,
+                 fed: Federation | None) -> tuple[Path, list[dict[str, list[dict]]]]:
+    """Each job on the same partitions per seed (zero-shot and baseline first): the run directory,
+    and per seed {label: rows}, each run in `<label>-seed<k>/`."""
     seeds = seeds or [cfg.seed]
-    run_dir, fed = _start(replace(cfg, seed=seeds[0]), "compare", quiet, fed)
+    run_dir, fed = _start(replace(cfg, seed=seeds[0]), kind, quiet, fed)
     per_seed: list[dict[str, list[dict]]] = []
     for seed in seeds:
         fed = reseed(cfg, seed, fed)
         rows = _references(fed)
-        for m in methods:
-            rows[m] = run_method(fed, m, run_dir / f"{m}-seed{seed}", quiet=quiet, seed=seed,
-                                 zero_shot_rows=rows.get("zero-shot")).rows
+        for label, method, change in jobs:
+            job_fed = fed if change is None else replace(fed, cfg=change(fed.cfg))
+            rows[label] = run_method(job_fed, method, run_dir / f"{label}-seed{seed}", quiet=quiet, seed=seed,
+                                     zero_shot_rows=rows.get("zero-shot")).rows
         per_seed.append(rows)
-    write_comparison(per_seed, run_dir, quiet=quiet)
-    return run_dir
+    return run_dir, per_seed

@@ -22,7 +22,7 @@ shares p_c ~ Dir(alpha * 1_K); small alpha (0.1) gives clients dominated by one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,8 @@ class ClientData:
 class Partition:
     clients: list[ClientData]
     global_test: np.ndarray
+    shifted_test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Rows above `data.shift_quantile` of `data.shift_column`: held out from every client."""
 
 
 def _round(x: float) -> int:
@@ -161,7 +163,7 @@ def make_partition(table: Table, pcfg: PartitionConfig, dcfg: DataConfig, seed: 
     """
     rng = np.random.default_rng(seed)
     y = table.labels
-    everything = np.arange(len(y), dtype=np.int64)
+    everything, shifted = _shift_split(table, dcfg)
     global_test, rows = _take(everything, y, _round(dcfg.global_test_fraction * len(y)), rng,
                               _stratifiable(y))
     rows = np.sort(rows)
@@ -185,7 +187,28 @@ def make_partition(table: Table, pcfg: PartitionConfig, dcfg: DataConfig, seed: 
                         f"{sorted([*_SCHEMES, 'column'])}")
     clients = [_split_client(i, np.sort(p).astype(np.int64), y, dcfg, rng, name)
                for i, (p, name) in enumerate(zip(parts, names))]
-    return Partition(clients, np.sort(global_test).astype(np.int64))
+    return Partition(clients, np.sort(global_test).astype(np.int64), shifted)
+
+
+def _shift_split(table: Table, dcfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(rows for the federation, rows of the shifted test set) by `data.shift_column`."""
+    everything = np.arange(len(table.frame), dtype=np.int64)
+    name = dcfg.shift_column
+    if name is None:
+        return everything, everything[:0]
+    kinds = {c.name: c.kind for c in table.columns}
+    if kinds.get(name) != "numeric":
+        raise DataError(f"data.shift_column {name!r} must be a numeric feature column; numeric ones: "
+                        f"{[c for c, k in kinds.items() if k == 'numeric']}")
+    if not 0 < dcfg.shift_quantile < 1:
+        raise DataError(f"data.shift_quantile must be in (0, 1), got {dcfg.shift_quantile}")
+    values = table.frame[name].to_numpy(dtype=float)
+    cut = np.nanquantile(values, dcfg.shift_quantile)
+    above = values > cut
+    if not above.any() or above.all():
+        raise DataError(f"data.shift_column {name!r} has no rows above its {dcfg.shift_quantile} quantile "
+                        f"({cut:g}); pick another column or quantile")
+    return everything[~above], everything[above]
 
 
 def partition_summary(table: Table, partition: Partition):

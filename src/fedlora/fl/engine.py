@@ -53,6 +53,8 @@ class RunState:
     """Stragglers' updates waiting for the next round (fl.straggler_policy=stale; fl/faults.py)."""
     dp: dict | None = None
     """DP-FedAvg's clip norm and accountant history (`fl/dp.py`, JSON-serializable) when dp is on."""
+    synthetic: dict | None = None
+    """Concordia's per-client generators and scorers and the shared scorer ensemble (fl/concordia.py)."""
 
 
 @dataclass
@@ -195,6 +197,7 @@ class Simulator(RobustRound, ClientFaults):
             result = local_train(
                 model, params, data, self.cfg.train, steps,
                 np.random.default_rng(_client_seed(self.seed, round_index, cid)), fed.pad_id,
+                sample_weights=self.sample_weights_for(cid),
                 optimizer_state=None if fresh else state.optimizer[cid], extra_loss=extra,
                 progress=f"round {round_index} client {cid}" if self.progress else None,
             )
@@ -206,6 +209,11 @@ class Simulator(RobustRound, ClientFaults):
         if beta is not None and self.robust_on and cid not in self.byzantine:
             payload = self._with_momentum(state, cid, payload, start, beta)
         return payload, {"client": cid, "train_loss": result.loss, "local_steps": result.steps}
+
+    def sample_weights_for(self, cid: int) -> np.ndarray | None:
+        """Per-row weights of client `cid`'s training rows this round (None: uniform). Concordia
+        (fl/concordia.py) sets them from the client's utility scorer."""
+        return None
 
     def receive(self, cid: int, payload: dict | bytes, num_examples: int, row: dict,
                 timer: _Timer, expected: dict | None = None,
@@ -253,6 +261,10 @@ class Simulator(RobustRound, ClientFaults):
                 load_adapter_state(model, global_adapter)
                 rows.append({"client": "global", "split": "global_test",
                              **evaluate(model, fed.global_test, fed.pad_id, bs)})
+            if global_adapter is not None and fed.shifted_test is not None:  # data.shift_column
+                load_adapter_state(model, global_adapter)
+                rows.append({"client": "shifted", "split": "shifted_test",
+                             **evaluate(model, fed.shifted_test, fed.pad_id, bs)})
         return rows
 
     def run_round(self, state: RunState) -> list[dict]:
@@ -362,6 +374,10 @@ class Simulator(RobustRound, ClientFaults):
         finally:
             detach_mixing(self.fed.model)  # the shared model is plain PEFT again for what comes next
         return result
+
+    def save_extras(self, result: RunResult, folder: Path) -> list[Path]:
+        """Files a simulator adds to the run directory after the run (Concordia: table quality)."""
+        return []
 
     def save_checkpoint(self, state: RunState, rows: list[dict]) -> Path:
         """The state after `state.round`, the rows so far, and what wrote them (checked on resume)."""

@@ -38,6 +38,8 @@ class Federation:
     clients: list[ClientSplits]
     global_test: EncodedExamples
     global_rows: np.ndarray
+    shifted_test: EncodedExamples | None = None
+    """Rows above `data.shift_quantile` of `data.shift_column`, which no client holds (or None)."""
 
     @property
     def pad_id(self) -> int:
@@ -86,4 +88,8 @@ def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = No
     global_serializer = RowSerializer(table, cfg.data).fit(table.frame.iloc[pooled_train])
     global_rows = _cap(partition.global_test, cap, rng)
     global_test = _encode(tokenizer, global_serializer, table, global_rows, cfg.data.max_length)
-    return Federation(cfg, model, tokenizer, table, partition, clients, global_test, global_rows)
+    shifted = None
+    if len(partition.shifted_test):
+        shifted = _encode(tokenizer, global_serializer, table, _cap(partition.shifted_test, cap, rng),
+                          cfg.data.max_length)
+    return Federation(cfg, model, tokenizer, table, partition, clients, global_test, global_rows, shifted)

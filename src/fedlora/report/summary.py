@@ -69,6 +69,7 @@ def _scored_with(method: str) -> str:
     """'personal' (each client's own adapter), 'global' (one adapter), or 'reference'."""
     from fedlora.fl.methods import available_methods, method_class
 
+    method = method.rsplit(":", 1)[-1]  # 'static:fedit': a Concordia variant over fedit
     if method not in available_methods():
         return "reference"
     return "personal" if method_class(method).personalized else "global"

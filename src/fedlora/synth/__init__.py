@@ -1,0 +1,1 @@
+"""Concordia's parts (arXiv 2605.09855): table generator, GRPO, utility scorers, table quality."""
