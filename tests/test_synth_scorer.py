@@ -1,4 +1,4 @@
-"""Concordia level 2 (synth/scorer.py): features, influence, the scorer, weights and rewards."""
+"""Concordia level 2 (synth/features.py, influence.py, scorer.py): features, influence, the scorer, weights, rewards."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from fedlora.data.tables import ColumnInfo, Table, load_table
 from fedlora.fl.federation import _encode
 from fedlora.fl.payload import decode, encode, spec_of
 from fedlora.model.lora import adapter_parameters, set_trainable
+from fedlora.synth.features import RowFeaturizer, encode_rows
+from fedlora.synth.influence import influence_targets
 from fedlora.synth.scorer import (
-    RowFeaturizer, ScorerConfig, UtilityScorer, encode_rows, ensemble_utility, fit_client_scorer,
-    influence_targets, local_utility, sample_weights, scorer_nbytes,
+    ScorerConfig, UtilityScorer, ensemble_utility, fit_client_scorer, local_utility, sample_weights, scorer_nbytes,
 )
 from fedlora.train.batches import collate, target_logprobs
 
@@ -208,6 +209,7 @@ def test_encode_rows_quantile_format_and_bad_rows():
     assert ours.prompt_ids == _encode(tok, serializer, table, rows, 96).prompt_ids
     with pytest.raises(ValueError, match="no rows"):
         encode_rows(tok, serializer, table, table.frame.iloc[:0], 96)
+    assert len(encode_rows(tok, serializer, table, table.frame.iloc[:0], 96, allow_empty=True)) == 0  # empty split
     with pytest.raises(ValueError, match="lack column"):
         encode_rows(tok, serializer, table, table.frame.drop(columns="mean area"), 96)
 

@@ -52,17 +52,19 @@ from fedlora.fl.engine import RunResult, RunState, Simulator, _Timer
 from fedlora.fl.methods import ClientUpdate, Method, build_method
 from fedlora.fl.payload import decode, encode
 from fedlora.model.lora import adapter_parameters
+from fedlora.synth.features import RowFeaturizer, encode_rows
 from fedlora.synth.generator import GeneratorConfig, RewardComposer, RewardConfig, TableGenerator
 from fedlora.synth.great import GreatCodec
 from fedlora.synth.grpo import GRPOConfig, refine
 from fedlora.synth.quality import table_quality
-from fedlora.synth.scorer import (RowFeaturizer, ScorerConfig, UtilityScorer, encode_rows, ensemble_utility,
-                                  fit_client_scorer, sample_weights)
+from fedlora.synth.scorer import ScorerConfig, UtilityScorer, ensemble_utility, fit_client_scorer, sample_weights
 
 log = logging.getLogger("fedlora")
 
 SCORER, ENSEMBLE = "scorer.", "ensemble."
 _SAMPLE, _REFINE, _FIT, _SCORE = 21, 22, 23, 24  # seed salts (FLoRA uses 1, faults 2 and 3)
+_FITTED: dict[tuple, tuple[dict, int]] = {}
+"""Fitted generators of this process by (model, seed, client, config, rows); see initial_state."""
 
 _VARIANTS = {  # regenerate each round, reweight, fit a scorer ('local' does not share it), GRPO
     "concordia": (True, True, True, True),
@@ -118,10 +120,19 @@ class ConcordiaSimulator(Simulator):
         state = super().initial_state()
         generators, limits = [], []
         for cid, own in enumerate(self.private):
-            gen = TableGenerator(self.fed.table, self.gen_cfg)
-            gen.fit(self.fed.model, self.fed.tokenizer, own.train, self.gen_cfg, self._rng(0, cid, _FIT))
-            generators.append(gen.state_dict())
-            limits.append(gen.max_new_tokens)
+            # The fit depends only on (model, seed, client rows, generator config): the variants
+            # of one `fedlora concordia` seed reuse it instead of fitting the same generator again.
+            key = (id(self.fed.model), self.seed, cid, repr(self.gen_cfg),
+                   pd.util.hash_pandas_object(own.train, index=False).sum())
+            if key not in _FITTED:
+                gen = TableGenerator(self.fed.table, self.gen_cfg)
+                gen.fit(self.fed.model, self.fed.tokenizer, own.train, self.gen_cfg, self._rng(0, cid, _FIT))
+                if len(_FITTED) >= 64:
+                    _FITTED.clear()
+                _FITTED[key] = ({k: v.clone() for k, v in gen.state_dict().items()}, gen.max_new_tokens)
+            tensors, limit = _FITTED[key]
+            generators.append({k: v.clone() for k, v in tensors.items()})
+            limits.append(limit)
         n = self.fed.num_clients
         state.synthetic = {"generator": generators, "max_new_tokens": limits, "scorer": [None] * n,
                            "rows": [None] * n, "ensemble": {}}

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from fedlora.config import RunConfig
 from fedlora.data import Partition, RowSerializer, Table, load_table, make_partition
 from fedlora.model import load_model, wrap_lora
-from fedlora.train.batches import EncodedExamples, encode_examples
+from fedlora.synth.features import encode_rows
+from fedlora.train.batches import EncodedExamples
 
 
 @dataclass
@@ -59,10 +59,8 @@ def _cap(rows: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.nd
 
 def _encode(fed_tokenizer, serializer: RowSerializer, table: Table, rows: np.ndarray,
             max_length: int) -> EncodedExamples:
-    frame: pd.DataFrame = table.frame.iloc[rows]
-    cfg = serializer.cfg
-    return encode_examples(fed_tokenizer, serializer.prompts(frame), table.labels[rows],
-                           serializer.verbalizers, max_length, cfg.prompt_style, cfg.system_prompt)
+    """Table rows at positions `rows`, encoded as Concordia encodes synthetic rows (a split may be empty)."""
+    return encode_rows(fed_tokenizer, serializer, table, table.frame.iloc[rows], max_length, allow_empty=True)
 
 
 def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = None) -> Federation:

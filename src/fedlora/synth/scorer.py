@@ -1,15 +1,12 @@
 """Concordia level 2: a per-client utility scorer that re-weights synthetic rows (arXiv 2605.09855).
 
-Each client k owns a small MLP phi_k on a schema-fixed feature vector of a row. It is trained to
-predict the first-order influence of a synthetic row s on the client's private validation loss,
-
-    u(s) = < grad_theta l(theta; s), grad_theta L_val,k(theta) >,   theta = the task-LoRA factors,
-
-with l the per-example loss of local training (`train/local.py`: minus the mean log-probability of
-the answer tokens) and L_val,k the mean of l over the client's validation rows. u(s) > 0 means a
-gradient step on s lowers the validation loss, to first order: theta - eta grad l(s) changes
-L_val by -eta u(s) + O(eta^2). The scorer then gives level 1 its per-sample weights
-(`sample_weights`) and, shared with the other clients, level 3 its GRPO reward (`ensemble_utility`).
+Each client k owns a small MLP phi_k on a row's schema feature vector (`synth/features.py`,
+`RowFeaturizer`). It is trained to predict the first-order influence u(s) of a synthetic row s on the
+client's private validation loss (`synth/influence.py`, `influence_targets`); u(s) > 0 means a
+gradient step on s lowers that loss, to first order. The scorer then gives level 1 its per-sample
+weights (`sample_weights`) and, shared with the other clients, level 3 its GRPO reward
+(`ensemble_utility`). `fit_client_scorer` does one client's refresh: influence on a random subset
+of its synthetic rows, then a (warm-started) fit of phi_k.
 
 What is trained here: only phi_k (a few KB). What travels: only `UtilityScorer.to_tensors()`, a flat
 dict of float32 tensors that goes through `fl/payload.py` like an adapter; validation rows, their
@@ -29,19 +26,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 
-from fedlora.data.tables import _FALSE, _TRUE, Table, _label_text
-from fedlora.data.text import RowSerializer
-from fedlora.train.batches import EncodedExamples, collate, encode_examples, target_logprobs
+from fedlora.synth.influence import INFLUENCE_METHODS, influence_targets
+from fedlora.train.batches import EncodedExamples
 
 WEIGHT_MODES = ("softmax", "clip")
-INFLUENCE_METHODS = ("fd", "exact")
 
 
 @dataclass
@@ -93,239 +86,6 @@ class ScorerConfig:
             if not ok:
                 raise ValueError(f"ScorerConfig: {message}")
 
-
-# --------------------------------------------------------------------------------------- rows
-
-
-def _check_rows(table: Table, frame: pd.DataFrame, what: str) -> None:
-    if len(frame) == 0:
-        raise ValueError(f"{what}: no rows; pass a DataFrame with at least one row")
-    missing = [c.name for c in table.columns if c.name not in frame.columns]
-    if table.target not in frame.columns:
-        missing.append(table.target)
-    if missing:
-        raise ValueError(f"{what}: the rows lack column(s) {missing}; synthetic rows must have the "
-                         f"columns of table.frame ({list(table.frame.columns)})")
-
-
-def row_labels(table: Table, frame: pd.DataFrame) -> np.ndarray:
-    """Each row's class index into `table.classes` (int64), as `Table.labels` for table.frame."""
-    lookup = {c: i for i, c in enumerate(table.classes)}
-    names = frame[table.target].map(_label_text)
-    bad = ~names.isin(list(lookup)).to_numpy()
-    if bad.any():
-        example = frame[table.target].to_numpy()[bad][0]
-        raise ValueError(f"{int(bad.sum())} row(s) have target {table.target!r} outside the classes "
-                         f"{table.classes} (e.g. {example!r}); drop or repair those rows first")
-    return names.map(lookup).to_numpy(dtype=np.int64)
-
-
-def encode_rows(tokenizer, serializer: RowSerializer, table: Table, frame: pd.DataFrame,
-                max_length: int) -> EncodedExamples:
-    """Encode any rows with table.frame's columns (real or synthetic) exactly as the federation does.
-
-    Same prompt text (the client's fitted `serializer`), prompt style and system prompt, same
-    verbalizers; `fl/federation._encode(tok, ser, table, rows, n)` equals
-    `encode_rows(tok, ser, table, table.frame.iloc[rows], n)`.
-    """
-    _check_rows(table, frame, "encode_rows")
-    cfg = serializer.cfg
-    return encode_examples(tokenizer, serializer.prompts(frame), row_labels(table, frame),
-                           serializer.verbalizers, max_length, cfg.prompt_style, cfg.system_prompt)
-
-
-# ----------------------------------------------------------------------------------- features
-
-
-class RowFeaturizer:
-    """One fixed feature vector per row, identical on every client (scorers are applied across clients).
-
-    Built from the schema only, never from the rows being transformed:
-    - numeric column: (x - lo) / (hi - lo) clipped to [-1, 2], plus a missing flag (value 0 then);
-    - categorical / boolean: one-hot over the schema's categories ([no, yes] for boolean) plus one
-      'other/missing' slot;
-    - target: one-hot over `table.classes` (a row with another label is an error);
-    - text columns: skipped (free text has no schema features).
-    lo / hi and the categories default to table.frame's (D): we treat the table's column ranges and
-    categories as the public data dictionary all clients agree on. In the simulation table.frame is
-    the whole table; a deployment passes the published dictionary as `ranges` / `categories`.
-    The clip keeps a wild synthetic value (1e9) from dominating the MLP while still marking it as
-    out of range.
-    """
-
-    def __init__(self, table: Table, ranges: Mapping[str, tuple[float, float]] | None = None,
-                 categories: Mapping[str, Sequence[str]] | None = None):
-        self.table = table
-        self._blocks: list[tuple[str, str, object]] = []
-        self.names: list[str] = []
-        for col in table.columns:
-            if col.kind == "numeric":
-                lo, hi = (ranges or {}).get(col.name) or _range(table.frame[col.name])
-                self._blocks.append((col.name, "numeric", (float(lo), float(hi))))
-                self.names += [col.name, f"{col.name}=<missing>"]
-            elif col.kind in ("categorical", "boolean"):
-                if col.kind == "boolean":
-                    cats = ["no", "yes"]
-                else:
-                    given = (categories or {}).get(col.name)
-                    cats = list(given) if given is not None else sorted(
-                        {str(v).strip() for v in table.frame[col.name].dropna()})
-                self._blocks.append((col.name, col.kind, cats))
-                self.names += [f"{col.name}={c}" for c in cats] + [f"{col.name}=<other/missing>"]
-        self.names += [f"{table.target}={c}" for c in table.classes]
-
-    @property
-    def dim(self) -> int:
-        return len(self.names)
-
-    def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """(len(frame), dim) float32; row i depends on row i only."""
-        _check_rows(self.table, frame, "RowFeaturizer.transform")
-        parts = []
-        for name, kind, spec in self._blocks:
-            values = frame[name]
-            if kind == "numeric":
-                lo, hi = spec
-                x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-                missing = np.isnan(x)
-                scaled = np.clip((x - lo) / (hi - lo if hi > lo else 1.0), -1.0, 2.0)
-                parts += [np.where(missing, 0.0, scaled), missing.astype(np.float64)]
-            else:
-                tokens = values.map(_bool_token if kind == "boolean" else _category_token)
-                parts += _one_hot(tokens.to_numpy(dtype=object), spec, other=True)
-        parts += _one_hot(row_labels(self.table, frame), range(len(self.table.classes)), other=False)
-        return np.stack(parts, axis=1).astype(np.float32)
-
-
-def _range(series: pd.Series) -> tuple[float, float]:
-    values = series.to_numpy(dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-
-
-def _category_token(value) -> str | None:
-    return None if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value).strip()
-
-
-def _bool_token(value) -> str | None:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    text = str(value).strip().lower()
-    return "yes" if text in _TRUE else "no" if text in _FALSE else None
-
-
-def _one_hot(tokens: np.ndarray, vocab, other: bool) -> list[np.ndarray]:
-    vocab = list(vocab)
-    cols = [(tokens == v).astype(np.float64) for v in vocab]
-    if other:
-        cols.append(1.0 - np.sum(cols, axis=0) if cols else np.ones(len(tokens)))
-    return cols
-
-
-# ---------------------------------------------------------------------------------- influence
-
-
-def _example_losses(model, data: EncodedExamples, rows: Sequence[int], pad_id: int,
-                    device: torch.device) -> torch.Tensor:
-    """l_i = -(1/|T_i|) sum_t log p(answer token t), the per-example loss of local training."""
-    pairs = [(data.prompt_ids[i], data.verbalizer_ids[data.labels[i]]) for i in rows]
-    logp, count = target_logprobs(model, collate(pairs, pad_id, device))
-    return -logp / count
-
-
-@contextmanager
-def _grad_scope(model, params: Sequence[torch.nn.Parameter]):
-    """Eval mode (no dropout: influence must be deterministic) and params requiring grad; restored."""
-    was_training, flags = model.training, [p.requires_grad for p in params]
-    model.eval()
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-def _val_gradient(model, params, val: EncodedExamples, pad_id: int, batch_size: int) -> list[torch.Tensor]:
-    device, total = params[0].device, [torch.zeros_like(p) for p in params]
-    for start in range(0, len(val), batch_size):
-        rows = range(start, min(start + batch_size, len(val)))
-        loss = _example_losses(model, val, rows, pad_id, device).sum() / len(val)
-        for acc, g in zip(total, torch.autograd.grad(loss, params)):
-            acc.add_(g)
-    return total
-
-
-def influence_targets(model, params: Sequence[torch.nn.Parameter], data: EncodedExamples,
-                      val: EncodedExamples, pad_id: int, batch_size: int = 16, *,
-                      method: str = "fd", fd_step: float | None = None) -> np.ndarray:
-    """u_i = <grad l_i, g>, g = grad L_val, over `params` (the LoRA factors), for each row of `data`.
-
-    'fd' (default): one batched backward for g, then the central difference along g,
-        u_i ~= (l_i(theta + eps g) - l_i(theta - eps g)) / (2 eps),  eps = fd_step / ||g||,
-    i.e. two batched forward passes over `data` and no per-example backward. Its error is
-    O(fd_step^2) (curvature) plus rounding ~1e-7 |l| / fd_step in fp32. Measured on the tiny model
-    vs 'exact': relative L2 error 4-5e-4 at fd_step=1e-2 in fp32 (1.3e-4 at 1e-3, but a larger
-    model's rounding noise favours the larger step); with 16-bit weights rounding dominates small
-    steps, and 3e-2 (the 16-bit default) gave 1.6e-2 (bf16's own exact influence is 5e-3 off fp32's).
-    Forward-mode AD (torch.func.jvp) would be exact in one pass, and the double-backward JVP trick
-    exact in one batched pass, but torch implements neither through its fused attention kernels
-    (checked on torch 2.13 CPU SDPA), so FD is the method that runs on any model and device.
-    'exact': a backward per example (the reference the tests compare against).
-    The parameters are restored bitwise, the model's train/eval mode and requires_grad flags too.
-    Returns float64 (len(data),); all zeros when g = 0 (e.g. only A trainable while B = 0).
-    """
-    if method not in INFLUENCE_METHODS:
-        raise ValueError(f"influence method {method!r} is not one of {INFLUENCE_METHODS}")
-    if len(data) == 0 or len(val) == 0:
-        raise ValueError(f"influence_targets needs rows to score ({len(data)}) and validation rows "
-                         f"({len(val)}); give the client a non-empty validation split")
-    params = list(params)
-    if not params:
-        raise ValueError("influence_targets needs the LoRA parameters (set_trainable(model, 'ab'))")
-    with _grad_scope(model, params):
-        g = _val_gradient(model, params, val, pad_id, batch_size)
-        norm = float(torch.sqrt(sum((x.float() ** 2).sum() for x in g)))
-        if norm == 0.0:
-            return np.zeros(len(data))
-        if method == "exact":
-            return _exact(model, params, g, data, pad_id)
-        if fd_step is None:  # 16-bit anywhere in the model (PEFT keeps adapters fp32 over a bf16 base)
-            low = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
-            fd_step = 3e-2 if low else 1e-2
-        if not fd_step > 0:
-            raise ValueError(f"fd_step must be > 0, got {fd_step}")
-        return _finite_difference(model, params, g, fd_step / norm, data, pad_id, batch_size)
-
-
-def _exact(model, params, g, data: EncodedExamples, pad_id: int) -> np.ndarray:
-    out = np.zeros(len(data))
-    for i in range(len(data)):
-        grads = torch.autograd.grad(_example_losses(model, data, [i], pad_id, params[0].device).sum(), params)
-        out[i] = float(sum((a.float() * b.float()).sum() for a, b in zip(grads, g)))
-    return out
-
-
-@torch.no_grad()
-def _finite_difference(model, params, g, eps: float, data: EncodedExamples, pad_id: int,
-                       batch_size: int) -> np.ndarray:
-    saved = [p.detach().clone() for p in params]
-    shifted = []
-    try:
-        for sign in (1.0, -1.0):
-            for p, p0, d in zip(params, saved, g):
-                p.copy_(p0 + sign * eps * d)
-            shifted.append(torch.cat([
-                _example_losses(model, data, range(s, min(s + batch_size, len(data))), pad_id, params[0].device)
-                for s in range(0, len(data), batch_size)]))
-    finally:
-        for p, p0 in zip(params, saved):
-            p.copy_(p0)
-    return ((shifted[0] - shifted[1]).double() / (2 * eps)).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------- scorer
