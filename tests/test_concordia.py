@@ -15,12 +15,10 @@ import json
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from conftest import make_config
-from fedlora import prepare
 from fedlora.fl.concordia import ENSEMBLE, SCORER, ConcordiaSimulator
 from fedlora.fl.engine import Simulator
 from fedlora.model.lora import adapter_state

@@ -8,10 +8,10 @@ import torch
 
 from conftest import assert_same_tensors, base_snapshot
 from fedlora.model.lora import adapter_state, load_adapter_state
-from fedlora.synth.generator import (GeneratorConfig, RewardComposer, RewardConfig, TableGenerator,
+from fedlora.synth.generator import (RewardComposer, RewardConfig, TableGenerator,
                                      completion_logprobs, encode_texts, lora_training, pad_id)
 from fedlora.synth.grpo import GRPOConfig, group_advantages, grpo_loss, grpo_step, refine
-from test_synth_generator import peaked_tiny, task_state, toy_table
+from test_synth_generator import fitted_toy
 
 t64 = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
 
@@ -94,14 +94,7 @@ def test_group_advantages_known_answers():
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(1)
-    model, tok = peaked_tiny()
-    task = task_state(model)
-    load_adapter_state(model, task)
-    table = toy_table()
-    gen = TableGenerator(table)
-    gen.fit(model, tok, table.frame, GeneratorConfig(steps=300, lr=3e-3), np.random.default_rng(1))
-    return dict(model=model, tok=tok, task=task, base=base_snapshot(model), table=table, gen=gen)
+    return fitted_toy()  # its own model and generator: the tests here move them
 
 
 def test_old_logprobs_are_the_samplers_own(setup):

@@ -17,7 +17,7 @@ import torch
 from conftest import assert_same_tensors, base_snapshot
 from fedlora.config import DataConfig, LoraConfig
 from fedlora.data.tables import ColumnInfo, Table, load_table
-from fedlora.model import build_tiny_model, wrap_lora
+from fedlora.model import build_tiny_lm, wrap_lora
 from fedlora.model.lora import adapter_state, init_adapter_state, load_adapter_state
 from fedlora.synth.generator import (GeneratorConfig, RewardComposer, RewardConfig, SampleResult, TableGenerator,
                                      swapped_adapter)
@@ -35,9 +35,7 @@ def toy_table(n: int = 40, seed: int = 0) -> Table:
 
 
 def peaked_tiny(seed: int = 0):
-    model, tok = build_tiny_model(seed)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(10.0)  # tied: the LM head scales too
+    model, tok = build_tiny_lm(seed)  # embeddings x10: a LoRA can teach it text
     cfg = LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
     return wrap_lora(model, cfg, seed=0), tok
 
@@ -52,9 +50,8 @@ def task_state(model, seed: int = 11):
 FIT = GeneratorConfig(steps=300, lr=3e-3)
 
 
-@pytest.fixture(scope="module")
-def fitted():
-    """A peaked tiny model holding a task adapter, and a toy generator fitted on it (once per module)."""
+def fitted_toy() -> dict:
+    """A peaked tiny model holding a task adapter, and a toy generator fitted on it."""
     torch.set_num_threads(1)
     model, tok = peaked_tiny()
     task = task_state(model)
@@ -64,6 +61,11 @@ def fitted():
     gen = TableGenerator(table)
     result = gen.fit(model, tok, table.frame, FIT, np.random.default_rng(1))
     return dict(model=model, tok=tok, task=task, base=base, table=table, gen=gen, result=result)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return fitted_toy()
 
 
 # --- codec -------------------------------------------------------------------------------------------

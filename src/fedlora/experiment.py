@@ -277,7 +277,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int] | None = None, 
     return run_dir
 
 
-Job = tuple[str, str, "Callable[[RunConfig], RunConfig] | None"]
+Job = tuple[str, str, Callable[[RunConfig], RunConfig] | None]
 """(label, method, how the label changes the config or None): one run per seed of `run_per_seed`."""
 
 

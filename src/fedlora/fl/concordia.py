@@ -63,8 +63,8 @@ log = logging.getLogger("fedlora")
 
 SCORER, ENSEMBLE = "scorer.", "ensemble."
 _SAMPLE, _REFINE, _FIT, _SCORE = 21, 22, 23, 24  # seed salts (FLoRA uses 1, faults 2 and 3)
-_FITTED: dict[tuple, tuple[dict, int]] = {}
-"""Fitted generators of this process by (model, seed, client, config, rows); see initial_state."""
+_FITTED = "_fedlora_fitted_generators"
+"""Model attribute: its fitted generators by (seed, client, config, rows); see initial_state."""
 
 _VARIANTS = {  # regenerate each round, reweight, fit a scorer ('local' does not share it), GRPO
     "concordia": (True, True, True, True),
@@ -119,18 +119,21 @@ class ConcordiaSimulator(Simulator):
         """The server method's state, plus each client's generator fitted on its real rows."""
         state = super().initial_state()
         generators, limits = [], []
+        fitted = getattr(self.fed.model, _FITTED, None)
+        if fitted is None:  # kept on the model: it lives and dies with the weights the fits used
+            fitted = {}
+            setattr(self.fed.model, _FITTED, fitted)
         for cid, own in enumerate(self.private):
             # The fit depends only on (model, seed, client rows, generator config): the variants
             # of one `fedlora concordia` seed reuse it instead of fitting the same generator again.
-            key = (id(self.fed.model), self.seed, cid, repr(self.gen_cfg),
-                   pd.util.hash_pandas_object(own.train, index=False).sum())
-            if key not in _FITTED:
+            key = (self.seed, cid, repr(self.gen_cfg), pd.util.hash_pandas_object(own.train, index=False).sum())
+            if key not in fitted:
                 gen = TableGenerator(self.fed.table, self.gen_cfg)
                 gen.fit(self.fed.model, self.fed.tokenizer, own.train, self.gen_cfg, self._rng(0, cid, _FIT))
-                if len(_FITTED) >= 64:
-                    _FITTED.clear()
-                _FITTED[key] = ({k: v.clone() for k, v in gen.state_dict().items()}, gen.max_new_tokens)
-            tensors, limit = _FITTED[key]
+                if len(fitted) >= 64:
+                    fitted.clear()
+                fitted[key] = ({k: v.clone() for k, v in gen.state_dict().items()}, gen.max_new_tokens)
+            tensors, limit = fitted[key]
             generators.append({k: v.clone() for k, v in tensors.items()})
             limits.append(limit)
         n = self.fed.num_clients
@@ -258,7 +261,7 @@ class ConcordiaSimulator(Simulator):
 def _check_server_method(method: Method) -> None:
     """The generator shares the task LoRA's adapter slot and the frozen base: a method that changes
     the base (FLoRA), attaches mixing layers (FedTreeLoRA) or gossips cannot federate it (yet)."""
-    hooks = [h for h in ("base_delta", "mixing_layers") if getattr(type(method), h) is not getattr(Method, h)]
+    hooks = [h for h in ("base_delta", "mixing_layers") if method.overrides(h)]
     if hooks or method.decentralized or method.pooled:
         raise ConfigError(f"concordia cannot federate the task LoRA with {method.name!r} (it "
                           f"{'changes the base or the adapter layout' if hooks else 'is not a server method'}); "

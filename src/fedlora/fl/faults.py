@@ -108,25 +108,23 @@ class ClientFaults:
                            timer: _Timer) -> tuple[ClientUpdate | None, dict]:
         """`client_round`, but a client that raises (out of memory, bad data, a method bug) is
         reported with its id and error, its per-client state is left as it was, and the round goes on."""
-        failed = {"bytes_up": 0, "bytes_down": 0}
-        return self._guarded(state, cid, round_index, (None, failed),
-                             lambda: self.client_round(state, cid, round_index, timer))
+        result, failure = self._guarded(state, cid, round_index,
+                                        lambda: self.client_round(state, cid, round_index, timer))
+        return result if failure is None else (None, {**failure, "bytes_up": 0, "bytes_down": 0})
 
-    def _guarded(self, state: RunState, cid: int, round_index: int, on_error, step):
-        """Run `step()`; if it raises, restore the client's per-client state, log and report the
-        client with its id and error (`on_error`'s row dict gets them) instead of stopping the run."""
+    def _guarded(self, state: RunState, cid: int, round_index: int, step):
+        """(step(), None); if it raises, the client's per-client state is restored, the error logged,
+        and (None, a row reporting the client with its id and error) comes back instead."""
         names = self._per_client_fields(state)
         saved = {name: getattr(state, name)[cid] for name in names}
         try:
-            return step()
+            return step(), None
         except Exception as exc:  # noqa: BLE001 -- one client must never crash the run
             for name, value in saved.items():
                 getattr(state, name)[cid] = value
             error = f"{type(exc).__name__}: {exc}"
             log.warning("round %d: client %s failed (%s); the round goes on without it", round_index, cid, error)
-            row = on_error[-1] if isinstance(on_error, tuple) else on_error
-            row.update({"client": cid, "error": error, "failed": True})
-            return on_error
+            return None, {"client": cid, "error": error, "failed": True}
 
     def _hold_late(self, state: RunState, update: ClientUpdate, round_index: int) -> None:
         """A straggler's valid update: dropped, or buffered for the next round (policy 'stale')."""

@@ -101,9 +101,11 @@ class GossipSimulator(Simulator):
         r, timer, method = state.round + 1, _Timer(), self.method
         adj = self.topology.adjacency(r)
         faults = self._draw_faults(self.sample_clients(r), r)
-        rows = [self._guarded(state, cid, r, {"phase": method.train_mask_at(r)},
-                              lambda cid=cid: self._train(state, cid, r, timer))
-                for cid in self.sample_clients(r) if cid not in faults.dropped]
+        rows = []
+        for cid in self.sample_clients(r):
+            if cid not in faults.dropped:
+                row, failure = self._guarded(state, cid, r, lambda cid=cid: self._train(state, cid, r, timer))
+                rows.append(row if failure is None else {**failure, "phase": method.train_mask_at(r)})
         # An offline client (dropped out, or its training failed) leaves this round's graph: it
         # neither sends nor mixes, and W is built on the graph of those that are on line.
         offline = sorted({*faults.dropped, *(row["client"] for row in rows if row.get("failed"))})

@@ -22,7 +22,6 @@ from fedlora.config import RunConfig
 from fedlora.fl.engine import RunState, Simulator, _Timer
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import build_method, method_options
-from fedlora.fl.methods.base import Method
 from fedlora.fl.payload import encode, spec_of
 from fedlora.flower.node import check_supported
 from fedlora.flower.wire import RECORD, blob_of, pack
@@ -57,7 +56,7 @@ class Coordinator:
         # FLoRA: each node merges every round's stacked adapter into its own base. The server
         # counts the merges it made and what each node last said it holds, and sends a node that
         # fell behind (not sampled, dropped) the whole delta instead of one stack.
-        self.moves_base = type(self.method).base_delta is not Method.base_delta
+        self.moves_base = self.method.overrides("base_delta")
         self.base_version = 0
         self.node_base = dict.fromkeys(range(cfg.partition.num_clients), 0)
 

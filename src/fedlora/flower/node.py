@@ -26,7 +26,7 @@ from fedlora.config import RunConfig
 from fedlora.fl.client_tree import layer_index
 from fedlora.fl.engine import RunState, Simulator, _Timer
 from fedlora.fl.federation import prepare
-from fedlora.fl.methods import Method, build_method, method_options
+from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.payload import PayloadError, decode, encode, spec_of
 from fedlora.flower.config import config_to_text, node_selection, run_config_of
 from fedlora.flower.wire import PAYLOAD, RECORD, blob_of, check_subset, unpack
@@ -66,7 +66,7 @@ class Node:
         self.num_examples = len(self.sim.train_sets[self.cid])
         self.adapter_spec = _with_external_branches(
             spec_of({k: v.detach() for k, v in adapter_parameters(self.fed.model).items()}))
-        self.moves_base = type(self.method).base_delta is not Method.base_delta
+        self.moves_base = self.method.overrides("base_delta")
         self._w0: dict | None = None  # the base weights FLoRA's delta is added to
         self.load_seconds = time.perf_counter() - started
 

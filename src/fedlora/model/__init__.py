@@ -3,6 +3,7 @@
 from fedlora.model.load import (
     EMBEDDED,
     ModelError,
+    build_tiny_lm,
     build_tiny_model,
     cache_dir,
     list_models,
@@ -22,7 +23,8 @@ from fedlora.model.lora import (
 )
 
 __all__ = [
-    "EMBEDDED", "AdapterState", "ModelError", "adapter_parameters", "adapter_state", "build_tiny_model",
+    "EMBEDDED", "AdapterState", "ModelError", "adapter_parameters", "adapter_state", "build_tiny_lm",
+    "build_tiny_model",
     "cache_dir", "init_adapter_state", "list_models", "load_adapter_state", "load_model",
     "resolve_device", "resolve_dtype", "save_peft_adapter", "set_trainable", "wrap_lora",
 ]

@@ -113,6 +113,12 @@ class Method:
         """
         return None
 
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        """Whether the method defines its own `hook` (e.g. 'base_delta', 'mixing_layers'), i.e. needs
+        what the hook implies (a base that moves, mixing layers) wherever it runs."""
+        return getattr(cls, hook) is not getattr(Method, hook)
+
     def advance_base(self, delta: TensorDict, download: TensorDict) -> TensorDict:
         """A client's own base delta after it merges one `download` (methods with `base_delta`).
 
