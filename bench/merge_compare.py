@@ -1,4 +1,4 @@
-"""Merge `fedlora compare` runs made separately (e.g. seed 0 first, seeds 1-2 later) into one table.
+"""Merge `fedlora compare` (or `fedlora concordia`) runs made separately into one table.
 
 Each run directory contributes its seeds. A directory written by a current `compare` holds
 `rows.json` (every seed's raw rows, references included); an older one is rebuilt from its
@@ -10,6 +10,11 @@ those seeds from a reference-only compare (`fedlora compare CONFIG --methods ""`
 
 The merged `comparison.json/.md/.png` are written with the same code `compare` uses, so the
 table is exactly what one `compare --seeds 3` run would print for the same per-seed results.
+With `--concordia`, `concordia.md` (stability, shifted split, synthetic quality) is written too,
+as `fedlora concordia --seeds 3` would:
+
+    python bench/merge_compare.py /tmp/cbench/s0/concordia-* /tmp/cbench/s1/concordia-* \
+        /tmp/cbench/s2/concordia-* --concordia --out /tmp/cbench/merged
 """
 
 from __future__ import annotations
@@ -51,12 +56,17 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="compare run directories, in seed order")
     parser.add_argument("--refs", type=Path, help="reference-only compare for the runs without rows.json")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--concordia", action="store_true", help="also write concordia.md (variant table)")
     args = parser.parse_args()
     per_seed = [s for run in args.runs for s in load_seeds(run, args.refs)]
     order = list(per_seed[-1])  # references first, then methods, as compare writes them
     per_seed = [{m: seed[m] for m in order} for seed in per_seed]
     args.out.mkdir(parents=True, exist_ok=True)
     write_comparison(per_seed, args.out)
+    if args.concordia:
+        from fedlora.concordia import variant_table
+
+        (args.out / "concordia.md").write_text(variant_table(per_seed), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -195,7 +195,20 @@ def test_bad_topology_config_names_the_key(overrides, match):
         load_config(None, overrides)
 
 
-def test_every_graph_name_builds():
+def test_every_graph_name_builds(tmp_path):
+    """Every name in GRAPHS dispatches to its own generator (none falls through to the edge file)."""
+    expected = {"ring": ring(6), "torus": torus(6), "complete": complete(6)}
+    edges = _edges_file(tmp_path, "0 1\n1 2\n")
     for graph in GRAPHS:
-        if graph != "edges":
-            Topology(TopologyConfig(graph=graph, k=2), 6, 0).adjacency(1)
+        adj = Topology(TopologyConfig(graph=graph, k=2, p=1.0, q=1.0, edges_file=edges), 6, 0).adjacency(1)
+        assert adj.shape == (6, 6) and np.array_equal(adj, adj.T) and not adj.diagonal().any()
+        if graph in expected:
+            assert np.array_equal(adj, expected[graph]), graph
+        elif graph == "kregular":
+            assert (adj.sum(1) == 2).all()
+        elif graph == "erdos_renyi":  # p = 1 draws every edge
+            assert np.array_equal(adj, complete(6))
+        elif graph == "pairwise":  # q = 1: every client meets exactly one other
+            assert (adj.sum(1) == 1).all()
+        else:
+            assert int(adj.sum()) == 4

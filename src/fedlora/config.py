@@ -269,13 +269,14 @@ class ConcordiaConfig:
     enabled: bool = False
     variant: str = "concordia"
     """'concordia' (the method), or a baseline on the same budget: 'static' (generate once, no
-    reweighting, no refinement), 'decoupled' (the generator keeps fine-tuning on real rows for
-    fidelity only; no reweighting), 'uniform' (no reweighting), 'local' (GRPO rewarded by the
-    client's own scorer only, no ensemble)."""
+    reweighting, no refinement), 'decoupled' (fresh rows every round from the generator fitted
+    for fidelity only, GReaT's likelihood on real rows, never refined toward the task; no
+    reweighting), 'uniform' (no reweighting), 'local' (GRPO rewarded by the client's own scorer
+    only, no ensemble)."""
     synthetic_rows: int = 64
     """Rows each training client samples per round (valid rows are kept; the validity rate is logged)."""
     refine_every: int = 1
-    """Rounds between generator refinements (GRPO, or fidelity steps for 'decoupled')."""
+    """Rounds between GRPO refinements of the generator (variants concordia, uniform, local)."""
     quality_every: int = 1
     """Rounds between synthetic-table quality reports (0: never)."""
     generator: dict[str, Any] = field(default_factory=dict)
