@@ -63,7 +63,7 @@ def main() -> None:
     per_seed = [{m: seed[m] for m in order} for seed in per_seed]
     args.out.mkdir(parents=True, exist_ok=True)
     write_comparison(per_seed, args.out)
-    if args.concordia:
+    if args.concordia:  # imported here: fedlora.concordia pulls in torch and transformers
         from fedlora.concordia import variant_table
 
         (args.out / "concordia.md").write_text(variant_table(per_seed), encoding="utf-8")

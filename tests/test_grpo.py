@@ -121,9 +121,9 @@ def test_old_logprobs_are_the_samplers_own(setup):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "regressed on the 2026-11-30 install (transformers 5.24.0, tokenizers 0.23.3, peft 0.21.2): the "
-    "fitted toy generator writes 0-10 % valid rows at GRPO prompts, so 10 steps do not raise the reward; "
-    "it passed on the earlier install. Open in issue 6 until the cause is found."))
+    "regressed on the 2026-11-30 install (constraints.txt): the fitted toy generator writes 0-10 % valid "
+    "rows at GRPO prompts, so 10 steps do not raise the reward; it passed on the earlier install, and "
+    "transformers 5.23, peft 0.20 or pandas 2.3 swapped in alone fail the same way. Open in issue 6."))
 def test_grpo_raises_the_reward_and_moves_only_the_generator(setup):
     s = setup
     model, tok, gen = s["model"], s["tok"], s["gen"]
