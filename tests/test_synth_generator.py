@@ -24,11 +24,16 @@ from fedlora.synth.generator import (GeneratorConfig, RewardComposer, RewardConf
 from fedlora.synth.great import REASONS, GreatCodec
 
 
-def toy_table(n: int = 40, seed: int = 0) -> Table:
-    """housing (categorical), age (integer numeric), label: short rows the tiny model can learn."""
+def toy_table(n: int = 40, seed: int = 0, ages: list[float] | None = None) -> Table:
+    """housing (categorical), age (numeric: integers 20-59, or drawn from `ages`), label.
+
+    The tiny model learns the row format of the default table but few of its 40 ages (about 10 %
+    of its samples are valid rows); with two ages about half are, and GRPO can raise that.
+    """
     r = np.random.default_rng(seed)
-    frame = pd.DataFrame({"housing": r.choice(["own", "rent"], n), "age": r.integers(20, 60, n).astype(float),
-                          "label": r.choice(["good", "bad"], n)})
+    housing = r.choice(["own", "rent"], n)  # draw order kept: the default table's rows never change
+    age = r.integers(20, 60, n).astype(float) if ages is None else r.choice(np.asarray(ages, dtype=float), n)
+    frame = pd.DataFrame({"housing": housing, "age": age, "label": r.choice(["good", "bad"], n)})
     frame = frame.astype({"housing": object, "label": object})  # as load_table stores categories
     return Table("toy", frame, "label", [ColumnInfo("housing", "categorical"), ColumnInfo("age", "numeric")],
                  ["bad", "good"], "tabular")
@@ -50,14 +55,14 @@ def task_state(model, seed: int = 11):
 FIT = GeneratorConfig(steps=300, lr=3e-3)
 
 
-def fitted_toy() -> dict:
-    """A peaked tiny model holding a task adapter, and a toy generator fitted on it."""
+def fitted_toy(table: Table | None = None) -> dict:
+    """A peaked tiny model holding a task adapter, and a generator fitted on `table` (the toy table)."""
     torch.set_num_threads(1)
     model, tok = peaked_tiny()
     task = task_state(model)
     load_adapter_state(model, task)
     base = base_snapshot(model)
-    table = toy_table()
+    table = table or toy_table()
     gen = TableGenerator(table)
     result = gen.fit(model, tok, table.frame, FIT, np.random.default_rng(1))
     return dict(model=model, tok=tok, task=task, base=base, table=table, gen=gen, result=result)
