@@ -123,9 +123,8 @@ def test_old_logprobs_are_the_samplers_own(setup):
 def test_grpo_raises_the_composed_reward_and_moves_only_the_generator():
     """Concordia's reward (valid row + utility 'housing is own', no copy penalty) rises under GRPO.
 
-    On a toy table whose rows the tiny model can write (two ages; about half its samples are
-    valid). With the default toy's 40 ages the tiny model writes about 10 % valid rows and the
-    validity-gated reward is too flat for 10 steps to move it (0.38 -> 0.33 on 2026-11-30).
+    On the two-age toy table: with the default 40 ages too few samples are valid rows for a
+    validity-gated reward to move in 10 steps (see `toy_table`).
     """
     s = fitted_toy(toy_table(ages=[25, 45]))
     model, tok, gen = s["model"], s["tok"], s["gen"]

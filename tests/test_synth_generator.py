@@ -62,7 +62,7 @@ def fitted_toy(table: Table | None = None) -> dict:
     task = task_state(model)
     load_adapter_state(model, task)
     base = base_snapshot(model)
-    table = table or toy_table()
+    table = toy_table() if table is None else table
     gen = TableGenerator(table)
     result = gen.fit(model, tok, table.frame, FIT, np.random.default_rng(1))
     return dict(model=model, tok=tok, task=task, base=base, table=table, gen=gen, result=result)
