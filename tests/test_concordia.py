@@ -87,7 +87,7 @@ def test_only_task_lora_and_scorer_tensors_leave_a_client(fed, fake_sampler, mon
             assert not torch.equal(payload[k], generators[cid]["adapter." + k])
     # the server redistributes the scorers, and only those, beside the method's download
     assert set(result.state.synthetic["ensemble"]) == {str(c) for c in range(fed.num_clients)}
-    down = sim._ensemble_download(result.state)
+    down = sim.rule.download_extra(result.state)
     assert down and all(k.startswith(ENSEMBLE) for k in down)
 
 
@@ -95,9 +95,9 @@ def test_rows_are_reweighted_by_the_scorer_from_round_two(fed, fake_sampler):
     sim = ConcordiaSimulator(_concordia(fed), "fedit")
     state = sim.initial_state()
     sim.run_round(state)
-    assert all(w is None for w in sim._weights)  # round 1: no scorer yet, uniform
+    assert all(w is None for w in sim.rule.weights)  # round 1: no scorer yet, uniform
     sim.run_round(state)
-    weights = [w for w in sim._weights if w is not None]
+    weights = [w for w in sim.rule.weights if w is not None]
     assert len(weights) == fed.num_clients
     assert all(np.isclose(w.mean(), 1.0) and w.std() > 0 for w in weights)
 
@@ -107,7 +107,7 @@ def test_rows_are_reweighted_by_the_scorer_from_round_two(fed, fake_sampler):
 def test_baseline_variants(fed, fake_sampler, variant, reweights, shares):
     sim = ConcordiaSimulator(_concordia(fed, f"concordia.variant={variant}"), "fedit")
     result = sim.run()
-    assert any(w is not None for w in sim._weights) == reweights
+    assert any(w is not None for w in sim.rule.weights) == reweights
     assert bool(result.state.synthetic["ensemble"]) == shares
     assert any("grpo_reward" in r for r in result.rows) == (variant not in ("static", "decoupled"))
     kept = result.state.synthetic["rows"]

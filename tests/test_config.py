@@ -9,6 +9,7 @@ import pytest
 from fedlora import ConfigError, RunConfig, load_config
 from fedlora.cli import shipped_configs
 from fedlora.config import apply_overrides
+from fedlora.fl.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -24,6 +25,7 @@ def test_configs_folder_is_the_packaged_one():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+    preflight(cfg)  # its topology builds on its clients, its attack is registered
     from fedlora import available_methods
 
     assert cfg.fl.method in available_methods()
@@ -157,3 +159,28 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_config_imports_nothing_else_from_fedlora():
+    """The config package is the bottom layer: checks needing other modules live in fl/preflight.py."""
+    import ast
+
+    for path in (REPO / "src" / "fedlora" / "config").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.split(".")[:2]
+                assert top[0] != "fedlora" or top == ["fedlora", "config"], f"{path.name} imports {name}"
+
+
+def test_prepare_runs_preflight_before_loading_anything(monkeypatch):
+    import fedlora.fl.federation as federation
+    from fedlora import prepare
+
+    monkeypatch.setattr(federation, "load_table", lambda *a, **k: pytest.fail("prepare loaded the table first"))
+    cfg = load_config(None, ["topology.graph=torus", "partition.num_clients=7"])  # 7 is prime: no torus
+    with pytest.raises(ConfigError, match="torus"):
+        prepare(cfg)
+    with pytest.raises(ConfigError, match="robust.attack"):
+        prepare(load_config(None, ["robust.byzantine=1", "robust.attack=nope"]))

@@ -29,7 +29,7 @@ def _fed(fed, rounds: int = 2, robust: RobustConfig | None = None, **dp):
 
 def _uploads(sim, server, deltas: list[float] | None = None, seed: int = 0) -> list[ClientUpdate]:
     """One upload per sampled client: the download plus a random (or a constant) change, equal counts."""
-    ref = sim._reference(server, 0)
+    ref = sim.reference(server, 0)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(sim.num_sampled):
@@ -56,7 +56,7 @@ def test_no_noise_no_clipping_is_the_plain_mean(fed, method):
     state = sim.initial_state()
     updates = _uploads(sim, state.server)
     expected = sim.method.aggregate(state.server, updates)
-    got = sim._aggregate(state, updates, 1)
+    got = sim.aggregate(state, updates, 1)
     assert set(got) == set(expected)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], atol=1e-7, rtol=1e-6)
@@ -79,7 +79,7 @@ def test_clipping_is_over_all_uploaded_tensors(fed):
     state = sim.initial_state()
     d = sum(v.numel() for v in state.server.values())
     cs = [0.001, 0.02, 0.5]
-    got = sim._aggregate(state, _uploads(sim, state.server, cs), 1)
+    got = sim.aggregate(state, _uploads(sim, state.server, cs), 1)
     shift = sum(c * min(1.0, 0.5 / (c * math.sqrt(d))) for c in cs) / 3
     for k, v in got.items():
         torch.testing.assert_close(v - state.server[k], torch.full_like(v, shift), atol=1e-6, rtol=1e-4)
@@ -99,13 +99,13 @@ def test_simulator_noise_std_and_reproducibility(fed):
     sim = Simulator(_fed(fed, noise_multiplier=2.0, clip=0.5), "fedit")
     state = sim.initial_state()
     server0 = {k: v.clone() for k, v in state.server.items()}
-    got = sim._aggregate(state, _uploads(sim, server0, [0.0] * sim.num_sampled), 1)
+    got = sim.aggregate(state, _uploads(sim, server0, [0.0] * sim.num_sampled), 1)
     noise = torch.cat([(got[k] - server0[k]).reshape(-1) for k in sorted(got)])
     assert noise.numel() > 1000
     assert abs(float(noise.std()) / (2.0 * 0.5 / sim.num_sampled) - 1) < 0.10
     again = Simulator(_fed(fed, noise_multiplier=2.0, clip=0.5), "fedit")
     state2 = again.initial_state()
-    got2 = again._aggregate(state2, _uploads(again, server0, [0.0] * again.num_sampled), 1)
+    got2 = again.aggregate(state2, _uploads(again, server0, [0.0] * again.num_sampled), 1)
     assert all(torch.equal(got[k], got2[k]) for k in got)  # noise from (seed, round, salt)
 
 
@@ -162,7 +162,10 @@ def test_accountant_opacus_docs_example():
     """Opacus' compute_dp_sgd_privacy docs (https://opacus.ai/api/compute_dp_sgd_privacy.html):
     sample rate 1 %, noise multiplier 1.0, 3 epochs = 300 steps, alphas 2 5 10 20 100 ->
     epsilon = 2.39 at delta = 1e-5, optimal alpha 5.0."""
-    acc = dpm.accountant([[1.0, 0.01, 300]], "rdp")
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(1.0, 0.01, 300)]
     eps, alpha = acc.get_privacy_spent(delta=1e-5, alphas=[2, 5, 10, 20, 100])
     assert round(eps, 2) == 2.39 and alpha == 5.0
 

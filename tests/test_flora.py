@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fedlora.fl.engine as engine
+import fedlora.fl.client_runtime as client_runtime
 from conftest import assert_same_tensors, base_snapshot, strip_times
 from fedlora.fl.engine import Simulator
 from fedlora.fl.methods import ClientUpdate, build_method, method_class
@@ -148,17 +148,17 @@ def test_one_round_merges_weighted_products_into_the_base(fed):
 def test_fresh_adapter_each_round_and_downlink_bytes(fed):
     sim = Simulator(fed, "flora", seed=0)
     starts = []
-    load = engine.load_adapter_state
+    load = client_runtime.load_adapter_state
 
     def spy(model, state, *a, **k):
         starts.append({n: t.clone() for n, t in state.items()})
         return load(model, state, *a, **k)
 
-    engine.load_adapter_state = spy
+    client_runtime.load_adapter_state = spy
     try:
         result = sim.run()
     finally:
-        engine.load_adapter_state = load
+        client_runtime.load_adapter_state = load
     train_starts = [s for s in starts if any(t.any() for n, t in s.items() if n.endswith("lora_A"))]
     assert len(train_starts) == fed.cfg.fl.rounds * fed.num_clients
     assert all(not t.any() for s in train_starts for n, t in s.items() if n.endswith("lora_B"))  # B = 0
@@ -197,13 +197,13 @@ def test_heterogeneous_ranks_zero_padding_and_scaling(fed, monkeypatch):
     sim = Simulator(fed, method, seed=0)
     trained = _recording(method, "upload")
     scalings = []
-    local_train = engine.local_train
+    local_train = client_runtime.local_train
 
     def spy(model, *a, **k):
         scalings.append({layer.scaling["default"] for layer in lora_layers(model).values()})
         return local_train(model, *a, **k)
 
-    monkeypatch.setattr(engine, "local_train", spy)
+    monkeypatch.setattr(client_runtime, "local_train", spy)
     state = sim.initial_state()
     sampled = sim.sample_clients(1)
     rows = sim.run_round(state)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedlora.config import ConfigError, TopologyConfig, load_config
+from fedlora.fl.preflight import preflight
 from fedlora.fl.topology import (GRAPHS, Topology, complete, erdos_renyi, is_connected, k_regular,
                                  metropolis_hastings, mixing_rate_rho, num_components, pairwise, read_edges, ring,
                                  torus, torus_shape, uniform_neighbour)
@@ -191,8 +192,9 @@ def test_edges_file_errors_name_the_line(tmp_path, text, match):
     (["topology.rho_samples=0"], "topology.rho_samples"),
 ])
 def test_bad_topology_config_names_the_key(overrides, match):
+    """Graph and weight names fail in load_config; the rest in preflight (fl/topology.check_topology)."""
     with pytest.raises(ConfigError, match=match):
-        load_config(None, overrides)
+        preflight(load_config(None, overrides))
 
 
 def test_every_graph_name_builds(tmp_path):

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.quiet)
     from fedlora.config import ConfigError, load_config
     from fedlora.data import DataError
+    from fedlora.fl.preflight import preflight
     from fedlora.model import ModelError
 
     try:
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "flower":
             from fedlora.flower.cli import flower_command
 
-            print(f"results: {flower_command(args, load_config(_config_path(args.config), args.overrides))}")
+            cfg = load_config(_config_path(args.config), args.overrides)
+            preflight(cfg)  # before any process or file is started
+            print(f"results: {flower_command(args, cfg)}")
         elif args.command == "resume":
             from fedlora.experiment import resume
 
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config = _config_path("demo" if args.command == "demo" else args.config)
             cfg = load_config(config, args.overrides)
+            preflight(cfg)
             if args.command == "run":
                 out = run(cfg, quiet=args.quiet)
             elif args.command == "robustness":

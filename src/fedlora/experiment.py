@@ -25,6 +25,7 @@ from fedlora.fl.engine import RunResult, RunState, Simulator
 from fedlora.fl.federation import Federation, prepare
 from fedlora.fl.gossip import GossipSimulator
 from fedlora.fl.methods import build_method, method_class, method_options
+from fedlora.fl.preflight import preflight
 from fedlora.model.lora import init_adapter_state, load_adapter_state, save_peft_adapter
 from fedlora.report.progress import RoundProgress
 from fedlora.report.summary import summarize, write_comparison
@@ -249,6 +250,7 @@ def resume(run_dir: str | Path, quiet: bool = False) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} has no config.yaml; pass a directory written by `fedlora run`")
     cfg = load_config(run_dir / "config.yaml")
+    preflight(cfg)
     ckpt = load_latest(run_dir / "checkpoints")
     if ckpt.info.get("config") != json.loads(json.dumps(cfg.to_dict())):
         raise CheckpointError(f"{ckpt.path} was written with another config than {run_dir / 'config.yaml'}; "

@@ -35,6 +35,7 @@ import torch
 
 from fedlora.config import RobustConfig, RunConfig
 from fedlora.fl.engine import Simulator
+from fedlora.fl.preflight import preflight
 from fedlora.report.summary import final_rows
 
 log = logging.getLogger("fedlora")
@@ -109,6 +110,7 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
     """
     from fedlora.experiment import reseed, start_run_dir  # here, not at the top: avoids an import cycle
 
+    preflight(cfg)  # the cells' own configs replace robust, so cfg.robust.attack is checked here
     attacks = list(DEFAULT_ATTACKS if attacks is None else attacks)
     aggregators = list(DEFAULT_AGGREGATORS if aggregators is None else aggregators)
     fs = sorted(set(DEFAULT_FS if fs is None else fs))

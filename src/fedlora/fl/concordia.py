@@ -17,10 +17,14 @@ the parts marked (ours) follow the reconstructed design in docs/concordia.md):
    synthetic rows only, each row weighted by softmax_tau(phi_k(s)) (mean 1; uniform in round 1,
    before any scorer exists).
 
-Sent up: the server method's payload for the task LoRA, plus phi_k's tensors (`scorer.*`).
-Sent down: the server method's download, plus every client's latest scorer (`ensemble.<j>.*`).
-Combined: the task LoRA by the server method (robust chains and DP apply as usual); the scorers
-are only collected and redistributed. Real rows, validation rows and generator weights never
+Concordia is a client rule (`fl/rules.py`), not an engine: `concordia_simulator` is the server
+simulator with this rule, so sampling, faults, attacks and robust chains compose as for any run.
+Sent up: the server method's payload for the task LoRA, plus phi_k's tensors in the declared side
+channel `scorer` (`scorer.*`, schema in `fl/schema.py`). Sent down: the server method's download,
+plus every client's latest scorer (`ensemble.<j>.*`). Combined: the task LoRA by the server
+method (robust chains apply as usual); the scorers are only collected (combine stage 'side') and
+redistributed. DP does not clip or noise the scorers, so dp.enabled with a variant that shares
+them is refused before round 1 (fl/combine.py); 'decoupled', 'static' and 'local' share none. Real rows, validation rows and generator weights never
 leave the client (`tests/test_concordia.py` audits every payload).
 
 Baselines on the same partitions and budget (`concordia.variant`): 'static' (rows generated once,
@@ -48,9 +52,11 @@ import torch
 
 from fedlora.config import ConfigError
 from fedlora.data.text import RowSerializer
-from fedlora.fl.engine import RunResult, RunState, Simulator, _Timer
-from fedlora.fl.methods import ClientUpdate, Method, build_method
-from fedlora.fl.payload import decode, encode
+from fedlora.fl.engine import RunResult, RunState, Simulator
+from fedlora.fl.methods import Method
+from fedlora.fl.rules import ClientRule
+from fedlora.fl.schema import SideChannel
+from fedlora.fl.timer import Timer
 from fedlora.model.lora import adapter_parameters
 from fedlora.synth.features import RowFeaturizer, encode_rows
 from fedlora.synth.generator import GeneratorConfig, RewardComposer, RewardConfig, TableGenerator
@@ -62,7 +68,6 @@ from fedlora.synth.scorer import ScorerConfig, UtilityScorer, ensemble_utility, 
 log = logging.getLogger("fedlora")
 
 SCORER, ENSEMBLE = "scorer.", "ensemble."
-_SAMPLE, _REFINE, _FIT, _SCORE = 21, 22, 23, 24  # seed salts (FLoRA uses 1, faults 2 and 3)
 _FITTED = "_fedlora_fitted_generators"
 """Model attribute: its fitted generators by (seed, client, config, rows); see initial_state."""
 
@@ -86,13 +91,23 @@ class _Private:
     test: pd.DataFrame
 
 
-class ConcordiaSimulator(Simulator):
-    """The server simulator with Concordia's client step; any server method federates the task LoRA."""
+def concordia_simulator(fed, method, seed=None, **kwargs) -> Simulator:
+    """The server simulator with Concordia's client rule; any server method federates the task LoRA."""
+    return Simulator(fed, method, seed=seed, rule=ConcordiaRule(fed), **kwargs)
 
-    def __init__(self, fed, method, seed=None, **kwargs):
-        _check_server_method(build_method(method) if isinstance(method, str) else method)
-        super().__init__(fed, method, seed=seed, **kwargs)
-        cc = self.cfg.concordia
+
+ConcordiaSimulator = concordia_simulator  # the name earlier code and tests use
+
+
+class ConcordiaRule(ClientRule):
+    """Concordia's client step (levels 1-3 above) and its scorer side channel."""
+
+    name = "concordia"
+    state_field = "synthetic"
+
+    def __init__(self, fed):
+        cc = fed.cfg.concordia
+        self.fed, self.cfg = fed, fed.cfg
         self.regenerate, self.reweight, self.scores, self.refine = _VARIANTS[cc.variant]
         self.shares = self.scores and cc.variant != "local"
         self.gen_cfg = GeneratorConfig(**cc.generator)
@@ -101,7 +116,13 @@ class ConcordiaSimulator(Simulator):
         self.reward_cfg = RewardConfig(**cc.reward)
         self.featurizer = RowFeaturizer(fed.table)
         self.private = [self._private(cid) for cid in range(fed.num_clients)]
-        self._weights: list[np.ndarray | None] = [None] * fed.num_clients
+        self.weights: list[np.ndarray | None] = [None] * fed.num_clients
+        spec = {k: (tuple(v.shape), v.dtype) for k, v in
+                UtilityScorer(self.featurizer.dim, self.scorer_cfg.hidden).to_tensors().items()}
+        self.side_channels = (SideChannel("scorer", SCORER, spec),) if self.shares else ()
+
+    def check(self, method: Method) -> None:
+        _check_server_method(method)
 
     def _private(self, cid: int) -> _Private:
         table, rows = self.fed.table, self.fed.clients[cid].rows
@@ -111,25 +132,25 @@ class ConcordiaSimulator(Simulator):
         serializer = RowSerializer(table, self.cfg.data).fit(train)  # as federation.prepare does
         return _Private(codec, serializer, train, holdout, table.frame.iloc[rows["test"]].reset_index(drop=True))
 
-    def _rng(self, round_index: int, cid: int, salt: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, round_index, cid, salt])
+    def _rng(self, name: str, round_index: int, cid: int) -> np.random.Generator:
+        return self.sim.streams.numpy(f"concordia.{name}", round_index, cid)
 
     # --- state -------------------------------------------------------------------------------
-    def initial_state(self) -> RunState:
-        """The server method's state, plus each client's generator fitted on its real rows."""
-        state = super().initial_state()
+    def initial_state(self, state: RunState) -> None:
+        """Each client's generator fitted on its real rows, beside the server method's state."""
         generators, limits = [], []
         fitted = getattr(self.fed.model, _FITTED, None)
         if fitted is None:  # kept on the model: it lives and dies with the weights the fits used
             fitted = {}
             setattr(self.fed.model, _FITTED, fitted)
+        seed = self.sim.seed
         for cid, own in enumerate(self.private):
             # The fit depends only on (model, seed, client rows, generator config): the variants
             # of one `fedlora concordia` seed reuse it instead of fitting the same generator again.
-            key = (self.seed, cid, repr(self.gen_cfg), pd.util.hash_pandas_object(own.train, index=False).sum())
+            key = (seed, cid, repr(self.gen_cfg), pd.util.hash_pandas_object(own.train, index=False).sum())
             if key not in fitted:
                 gen = TableGenerator(self.fed.table, self.gen_cfg)
-                gen.fit(self.fed.model, self.fed.tokenizer, own.train, self.gen_cfg, self._rng(0, cid, _FIT))
+                gen.fit(self.fed.model, self.fed.tokenizer, own.train, self.gen_cfg, self._rng("fit", 0, cid))
                 if len(fitted) >= 64:
                     fitted.clear()
                 fitted[key] = ({k: v.clone() for k, v in gen.state_dict().items()}, gen.max_new_tokens)
@@ -139,37 +160,33 @@ class ConcordiaSimulator(Simulator):
         n = self.fed.num_clients
         state.synthetic = {"generator": generators, "max_new_tokens": limits, "scorer": [None] * n,
                            "rows": [None] * n, "ensemble": {}}
-        return state
 
-    def _generator(self, state: RunState, cid: int) -> TableGenerator:
+    def _table_generator(self, state: RunState, cid: int) -> TableGenerator:
         gen = TableGenerator(self.fed.table, self.gen_cfg)
         gen.load_state_dict(state.synthetic["generator"][cid], codec=self.private[cid].codec)
         gen.max_new_tokens = state.synthetic["max_new_tokens"][cid]
         return gen
 
     # --- one client's round ------------------------------------------------------------------
-    def client_round(self, state: RunState, cid: int, round_index: int, timer: _Timer):
-        with timer("serialize"):
-            down = {**self.method.download(state.server, cid), **self._ensemble_download(state)}
-            blob = encode(down)
-            received, _ = decode(blob)
+    def client_round(self, state: RunState, cid: int, round_index: int, received: dict, timer: Timer):
+        sim = self.sim
         task = {k: v for k, v in received.items() if not k.startswith(ENSEMBLE)}
         frame, row = self._synthesize(state, cid, round_index, timer)
         own = self.private[cid]
-        self.train_sets[cid] = encode_rows(self.fed.tokenizer, own.serializer, self.fed.table, frame,
-                                           self.cfg.data.max_length)
+        sim.train_sets[cid] = encode_rows(self.fed.tokenizer, own.serializer, self.fed.table, frame,
+                                          self.cfg.data.max_length)
         features = self.featurizer.transform(frame)
         scorer = _scorer(state.synthetic["scorer"][cid])
-        self._weights[cid] = (sample_weights(scorer.score(features), self.scorer_cfg.temperature,
-                                             self.scorer_cfg.weight_mode, floor=self.scorer_cfg.weight_floor)
-                              if self.reweight and scorer is not None else None)
-        payload, train_row = self.local_round(state, cid, round_index, task, timer)
+        self.weights[cid] = (sample_weights(scorer.score(features), self.scorer_cfg.temperature,
+                                            self.scorer_cfg.weight_mode, floor=self.scorer_cfg.weight_floor)
+                             if self.reweight and scorer is not None else None)
+        payload, train_row = sim.local_round(state, cid, round_index, task, timer)
         row.update(train_row)
         if self.scores:  # level 2, on the task LoRA this client just trained
             with timer("scorer"):
                 fit = fit_client_scorer(self.fed.model, list(adapter_parameters(self.fed.model).values()),
-                                        self.train_sets[cid], features, self.fed.clients[cid].val, self.fed.pad_id,
-                                        self.scorer_cfg, scorer=scorer, rng=self._rng(round_index, cid, _SCORE))
+                                        sim.train_sets[cid], features, self.fed.clients[cid].val, self.fed.pad_id,
+                                        self.scorer_cfg, scorer=scorer, rng=self._rng("score", round_index, cid))
             state.synthetic["scorer"][cid] = fit.scorer.to_tensors()
             row["scorer_loss"] = float(fit.loss)
             if self.shares:
@@ -178,20 +195,20 @@ class ConcordiaSimulator(Simulator):
             with timer("refine"):
                 row.update(self._refine(state, cid, round_index, received, scorer=_scorer(
                     state.synthetic["scorer"][cid])))
-        row["bytes_down"] = len(blob)
-        return self.receive(cid, payload, len(self.train_sets[cid]), row, timer, round_index=round_index)
+        return payload, row
 
-    def sample_weights_for(self, cid: int) -> np.ndarray | None:
-        return self._weights[cid]
+    def sample_weights(self, cid: int) -> np.ndarray | None:
+        return self.weights[cid]
 
-    def _synthesize(self, state: RunState, cid: int, r: int, timer: _Timer) -> tuple[pd.DataFrame, dict]:
+    def _synthesize(self, state: RunState, cid: int, r: int, timer: Timer) -> tuple[pd.DataFrame, dict]:
         """This round's synthetic rows (or the static variant's rows from its first round)."""
         own, kept = self.private[cid], state.synthetic["rows"][cid]
         if not self.regenerate and kept is not None:
             return pd.DataFrame(kept, columns=self.fed.table.frame.columns), {"syn_rows": len(kept)}
         with timer("generate"):
-            sample = self._generator(state, cid).sample(self.fed.model, self.fed.tokenizer,
-                                                        self.cfg.concordia.synthetic_rows, self._rng(r, cid, _SAMPLE))
+            sample = self._table_generator(state, cid).sample(self.fed.model, self.fed.tokenizer,
+                                                              self.cfg.concordia.synthetic_rows,
+                                                              self._rng("sample", r, cid))
         if len(sample.frame) == 0:
             reasons = dict(Counter(x for x in sample.reasons if x is not None))
             raise ValueError(f"client {cid}'s generator wrote no valid row out of {len(sample.texts)} "
@@ -200,7 +217,8 @@ class ConcordiaSimulator(Simulator):
         every = self.cfg.concordia.quality_every
         if every and r % every == 0:
             with timer("quality"):
-                quality = table_quality(sample.frame, own.train, own.holdout, own.test, self.fed.table, seed=self.seed)
+                quality = table_quality(sample.frame, own.train, own.holdout, own.test, self.fed.table,
+                                        seed=self.sim.seed)
             row.update({f"syn_{k}": v for k, v in quality.items() if k != "rows"})
         if not self.regenerate:
             state.synthetic["rows"][cid] = json.loads(sample.frame.to_json(orient="records"))
@@ -217,31 +235,24 @@ class ConcordiaSimulator(Simulator):
                 return np.zeros(len(frame))
             return ensemble_utility(list(scorers.values()), self.featurizer.transform(frame))
 
-        gen = self._generator(state, cid)
+        gen = self._table_generator(state, cid)
         reward = RewardComposer(gen.codec, self.private[cid].train, utility, self.reward_cfg)
-        stats = refine(gen, self.fed.model, self.fed.tokenizer, reward, self.grpo_cfg, self._rng(r, cid, _REFINE))
+        stats = refine(gen, self.fed.model, self.fed.tokenizer, reward, self.grpo_cfg, self._rng("refine", r, cid))
         state.synthetic["generator"][cid] = gen.state_dict()
         last = stats[-1]
         return {"grpo_reward": last.reward_mean, "grpo_reward_std": last.reward_std, "grpo_kl": last.kl,
                 "grpo_validity": last.validity}
 
-    # --- server ------------------------------------------------------------------------------
-    def _ensemble_download(self, state: RunState) -> dict[str, torch.Tensor]:
+    # --- server side of the side channel -----------------------------------------------------
+    def download_extra(self, state: RunState) -> dict[str, torch.Tensor]:
         if not self.shares:
             return {}
         return {f"{ENSEMBLE}{j}.{k}": v for j, tensors in sorted(state.synthetic["ensemble"].items())
                 for k, v in tensors.items()}
 
-    def _aggregate(self, state: RunState, updates: list[ClientUpdate], round_index: int) -> dict:
-        """The server method on the task LoRA; each sender's scorer joins the ensemble as is."""
-        task = []
-        for u in updates:
-            scorer = {k[len(SCORER):]: v for k, v in u.tensors.items() if k.startswith(SCORER)}
-            if scorer:
-                state.synthetic["ensemble"][str(u.client_id)] = scorer
-            task.append(ClientUpdate(u.client_id, {k: v for k, v in u.tensors.items() if not k.startswith(SCORER)},
-                                     u.num_examples))
-        return super()._aggregate(state, task, round_index)
+    def absorb(self, st: dict, channel: SideChannel, cid: int, tensors: dict) -> dict:
+        """The sender's scorer joins the ensemble as is (a copy of the rule state; committed with the round)."""
+        return {**st, "ensemble": {**st["ensemble"], str(cid): tensors}}
 
     # --- outputs -----------------------------------------------------------------------------
     def save_extras(self, result: RunResult, folder: Path) -> list[Path]:

@@ -8,8 +8,9 @@ Models", ICLR 2018, arXiv 1710.06963), server side, config `dp` (docs/privacy.md
       Delta_i <- Delta_i * min(1, C / ||Delta_i||).
 - What is sent. The method's usual upload (a real deployment clips on the client, or inside a
   trusted aggregator; the simulator clips what the server decodes, which gives the same sum).
-- How it is combined. With m the number of clients sampled per round (fixed, as the engine
-  samples exactly m of N uniformly without replacement) and uniform weights w_i = 1:
+- How it is combined. With m = qN the expected number of clients per round (under Poisson
+  sampling, the default with DP, each client joins a round with probability q; under fixed-size
+  sampling exactly m of N join) and uniform weights w_i = 1:
       Delta = (sum_i clipped Delta_i + N(0, (z C)^2 I)) / m,
   the paper's fixed-denominator estimator f_f with W = N, q = m / N (so qW = m); the noise on the
   average has std z C / m per coordinate. Example counts are NOT used as weights: a client's
@@ -31,17 +32,22 @@ one Gaussian mechanism with the configured z when the update noise uses
 so the accountant sees z. Defaults from the paper: gamma = 0.5, eta = 0.2, sigma_b = m / 20,
 initial C = 0.1. The update is clipped and noised with the C of the round's start.
 
-Accounting. One Poisson-subsampled Gaussian mechanism per round with noise multiplier z and rate
-q = m / N, composed by opacus' RDPAccountant (or PRVAccountant); epsilon at delta (default
-min(1e-5, N^-1.1), "delta below 1/N") is logged in every server row and in summary.json. The
-engine samples a fixed-size subset rather than a Poisson one; the subsampling bound is exact for
-q = 1 (every client every round, the default client_fraction) and the usual approximation
-otherwise (as in Flower's DP wrappers). With `dp.target_epsilon` the run stops before a round
-that would take epsilon past it.
+Accounting (`fl/accounting.py`). One subsampled Gaussian mechanism per round with noise
+multiplier z and rate q, accounted for the sampler the engine actually used (`fl.sampling`):
+Poisson sampling (the default when DP is on) with opacus' RDP (or PRV) accountant under
+add/remove-one-client adjacency; fixed-size sampling with the RDP bound for sampling without
+replacement (dp_accounting) under replace-one adjacency. The run's privacy report (summary.json)
+states which. epsilon at delta (default min(1e-5, N^-1.1), "delta below 1/N") is logged in every
+server row. Under Poisson sampling a round releases its noised mean even when nobody was sampled
+(the mechanism analysed), so `fl.min_replies` does not apply to DP rounds. With
+`dp.target_epsilon` the run stops before a round that would take epsilon past it.
+
+What leaves a client must all be covered: a payload side channel that DP does not clip and noise
+(Concordia's utility scorers) makes the run refuse DP before round 1 (fl/combine.py).
 
 State (RunState.dp, JSON-serializable): {"clip": current C, "history": [[z, q, rounds], ...]};
-the accountant is rebuilt from the history. Noise comes from generators derived from
-(seed, round, salt), so a run is reproducible and a resumed run draws the same noise.
+the accountant is rebuilt from the history. Noise comes from the named streams `dp_noise` and
+`dp_count` (fl/streams.py), so a run is reproducible and a resumed run draws the same noise.
 
 >>> x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
 >>> clip_rows_with_norms(x, 1.0)[0].tolist()       # [3, 4] / 5 and [0.3, 0.4] unchanged
@@ -52,27 +58,16 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from fedlora.config import ConfigError
+from fedlora.fl.accounting import accountant_description, default_delta, epsilon, with_step
+from fedlora.fl.combine import RoundContext, Transform, flat_deltas
 from fedlora.fl.methods import ClientUpdate
 
-if TYPE_CHECKING:
-    from fedlora.fl.engine import RunState
-
 log = logging.getLogger("fedlora")
-
-MEAN_METHODS = "fedit, fedprox, ffa, fedsa, fedavgm, fedadagrad, fedadam, fedyogi"
-_WHY_NOT = {
-    "flora": "FLoRA stacks the clients' factors into a larger adapter instead of averaging them",
-    "fedtree": "FedTreeLoRA averages within data-dependent clusters, whose choice DP-FedAvg does not cover",
-    "local": "local training sends nothing to aggregate",
-}
-NOISE_SALT, COUNT_SALT = 3, 4  # RobustRound._generator salts 1 and 2 are the attack's and the chain's
 
 
 # ---------------------------------------------------------------- the mechanism on tensors
@@ -125,45 +120,7 @@ def update_noise_multiplier(z: float, count_std: float) -> float:
     return (z ** -2 - (2 * count_std) ** -2) ** -0.5
 
 
-# ---------------------------------------------------------------- accounting
-
-
-def accountant(history: list, kind: str = "rdp"):
-    """An opacus accountant holding `history` ([[noise_multiplier, sample_rate, steps], ...])."""
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    acc = {"rdp": RDPAccountant, "prv": PRVAccountant}[kind]()
-    acc.history = [(float(z), float(q), int(n)) for z, q, n in history]
-    return acc
-
-
-def epsilon(history: list, delta: float, kind: str = "rdp") -> float:
-    """epsilon at delta after `history`; inf when any step had no noise, 0 before any step."""
-    if not history or all(int(n) == 0 for _, _, n in history):
-        return 0.0
-    if any(float(z) == 0 for z, _, _ in history):
-        return math.inf
-    with warnings.catch_warnings():  # opacus warns at the edges of its order grid and at q = 1
-        warnings.simplefilter("ignore")
-        return float(accountant(history, kind).get_epsilon(delta))
-
-
-def with_step(history: list, z: float, q: float) -> list:
-    """The history after one more round at (z, q) (a new list; consecutive equal steps merge)."""
-    out = [list(h) for h in history]
-    if out and out[-1][0] == z and out[-1][1] == q:
-        out[-1][2] += 1
-    else:
-        out.append([z, q, 1])
-    return out
-
-
-def default_delta(num_clients: int) -> float:
-    """min(1e-5, N^-1.1): delta well below 1/N, the population being protected."""
-    return min(1e-5, num_clients ** -1.1)
-
-
-# ---------------------------------------------------------------- inside the simulator
+# ---------------------------------------------------------------- the combine transform
 
 
 @dataclass(frozen=True)
@@ -171,112 +128,94 @@ class DPSetup:
     z: float             # noise multiplier the accountant sees
     z_update: float      # noise multiplier of the update (z, or z_update with adaptive clipping)
     count_std: float     # sigma_b (0 without adaptive clipping)
-    m: int               # clients sampled per round: the fixed denominator
-    q: float             # m / N
+    m: float             # expected clients per round, qN: the fixed denominator
+    q: float             # sampling rate
     delta: float
+    sampling: str        # 'poisson' or 'fixed' (fl.sampling as resolved)
+    population: int      # N
 
 
-class DPRound:
-    """Mixin of `Simulator` (through RobustRound): uses its `cfg`, `method`, `train_sets`,
-    `num_sampled`, `_generator` and `_deltas`."""
+class DPMean(Transform):
+    """DP-FedAvg's clipped, noised mean in place of the method's weighted mean (config `dp`)."""
 
-    dp: DPSetup | None = None
+    name, stage = "dp", 40
 
-    def _setup_dp(self) -> None:
-        """Check the method and the settings against m and N; misuse fails here, before a round."""
-        cfg, method = self.cfg.dp, self.method
-        self.dp, self._dp_round = None, {}
-        if not cfg.enabled:
-            return
-        if method.pooled or not method.mean_aggregation:
-            why = ("it is a centralized reference" if method.pooled
-                   else "it is decentralized: there is no server to add the noise" if getattr(
-                       method, "decentralized", False)
-                   else _WHY_NOT.get(method.name, "its server step does not start from a weighted mean of the uploads"))
-            raise ConfigError(f"dp cannot apply to method {method.name!r}: {why}. "
-                              f"DP-FedAvg needs a mean method ({MEAN_METHODS})")
-        if self.cfg.robust.aggregator is not None:
-            raise ConfigError("dp and robust.aggregator cannot be combined (see config.DPConfig)")
-        if getattr(self.cfg.fl, "straggler_policy", "drop") == "stale":
-            raise ConfigError("dp and fl.straggler_policy=stale cannot be combined: a late update could add a "
-                              "second clipped update of one client to a round (see docs/privacy.md)")
-        n, m = len(self.train_sets), self.num_sampled
-        count_std = 0.0
-        z_update = cfg.noise_multiplier
+    def __init__(self, cfg, num_clients: int, q: float, sampling: str):
+        self.cfg = cfg
+        m = q * num_clients
+        count_std, z_update = 0.0, cfg.noise_multiplier
         if cfg.adaptive:
             count_std = m / 20 if cfg.count_noise is None else cfg.count_noise
             z_update = update_noise_multiplier(cfg.noise_multiplier, count_std)
-        delta = default_delta(n) if cfg.delta is None else cfg.delta
-        self.dp = DPSetup(cfg.noise_multiplier, z_update, count_std, m, m / n, delta)
+        delta = default_delta(num_clients) if cfg.delta is None else cfg.delta
+        self.setup = DPSetup(cfg.noise_multiplier, z_update, count_std, m, q, delta, sampling, num_clients)
         if cfg.target_epsilon is not None:
-            first = self._dp_epsilon(with_step([], self.dp.z, self.dp.q))
+            first = self.epsilon(with_step([], self.setup.z, self.setup.q))
             if first > cfg.target_epsilon:
                 raise ConfigError(f"dp.target_epsilon={cfg.target_epsilon:g} is below the epsilon of a single "
                                   f"round ({first:.4g} at delta={delta:g}): raise it or dp.noise_multiplier")
 
-    def _dp_state(self, state: RunState) -> dict:
-        if state.dp is None:
-            state.dp = {"clip": float(self.cfg.dp.clip), "history": []}
-        return state.dp
+    def initial(self) -> dict:
+        return {"clip": float(self.cfg.clip), "history": []}
 
-    def _dp_epsilon(self, history: list) -> float:
-        return epsilon(history, self.dp.delta, self.cfg.dp.accountant)
+    def epsilon(self, history: list) -> float:
+        s = self.setup
+        return epsilon(history, s.delta, self.cfg.accountant, s.sampling, s.population)
 
-    def _dp_aggregate(self, state: RunState, updates: list[ClientUpdate], round_index: int) -> dict:
-        """Clip each update, sum, add noise, divide by m; hand the method download + that mean."""
-        dp, cfg, st = self.dp, self.cfg.dp, self._dp_state(state)
-        ref, keys, deltas = self._deltas(state, updates, "differential privacy")
-        x = torch.stack([torch.cat([d[k].to(torch.float64).reshape(-1) for k in keys]) for d in deltas])
+    def apply(self, updates, st, ctx: RoundContext):
+        """Clip each update, sum, add noise, divide by m; one update download + that mean."""
+        dp, cfg = self.setup, self.cfg
+        st = dict(st or self.initial())
+        if updates:
+            ref, keys, deltas = flat_deltas(ctx.method, updates, ctx, "differential privacy")
+        else:  # nobody arrived: the mechanism still releases its noise (Poisson sampling's analysis)
+            ref = ctx.reference(ctx.sampled[0] if ctx.sampled else 0)
+            keys, deltas = sorted(ref), []
+        width = sum(ref[k].numel() for k in keys)
+        x = (torch.stack([torch.cat([d[k].to(torch.float64).reshape(-1) for k in keys]) for d in deltas])
+             if deltas else torch.zeros((0, width), dtype=torch.float64))
         clip = st["clip"]
         noise_std = dp.z_update * clip if dp.z_update > 0 else 0.0  # z = 0 with C = inf: no noise, not NaN
-        mean, norms = noised_mean(x, clip, noise_std, dp.m, self._generator(round_index, NOISE_SALT))
-        self._dp_round = {"dp_clip": clip}
+        mean, norms = noised_mean(x, clip, noise_std, dp.m, ctx.streams.torch("dp_noise", ctx.round_index))
+        ctx.notes["dp_clip"] = clip
         if cfg.adaptive:
-            fraction = unclipped_fraction(norms, clip, dp.count_std, dp.m, self._generator(round_index, COUNT_SALT))
+            fraction = unclipped_fraction(norms, clip, dp.count_std, dp.m, ctx.streams.torch("dp_count", ctx.round_index))
             st["clip"] = next_clip(clip, fraction, cfg.target_quantile, cfg.clip_lr)
-            self._dp_round["dp_unclipped_fraction"] = fraction  # the noised estimate, safe to publish
+            ctx.notes["dp_unclipped_fraction"] = fraction  # the noised estimate, safe to publish
         st["history"] = with_step(st["history"], dp.z, dp.q)
         out, start = {}, 0
         for k in keys:
             size = ref[k].numel()
             out[k] = (ref[k].to(torch.float64) + mean[start:start + size].reshape(ref[k].shape)).to(torch.float32)
             start += size
-        combined = ClientUpdate(-1, out, sum(u.num_examples for u in updates))
-        return self.method.aggregate(state.server, [combined])
+        return [ClientUpdate(-1, out, max(1, sum(u.num_examples for u in updates)))], st
 
-    def dp_metrics(self, state: RunState) -> dict:
-        """The DP fields of this round's server row ({} without DP): epsilon spent so far at delta,
-        the clip norm used and, with adaptive clipping, the noised unclipped fraction."""
-        if self.dp is None:
-            return {}
-        st = self._dp_state(state)
-        row = {"epsilon": self._dp_epsilon(st["history"]), "delta": self.dp.delta, **self._dp_round}
-        self._dp_round = {}
-        return row
+    # --- what the run reports ------------------------------------------------------------------
+    def metrics(self, st: dict | None) -> dict:
+        """epsilon spent so far at delta (the DP fields of a server row)."""
+        history = (st or self.initial())["history"]
+        return {"epsilon": self.epsilon(history), "delta": self.setup.delta}
 
-    def _dp_stop(self, state: RunState) -> bool:
+    def would_exceed(self, st: dict | None, rounds_done: int, rounds: int) -> bool:
         """True when the next round would take epsilon past dp.target_epsilon (the run stops)."""
-        target = self.cfg.dp.target_epsilon
-        if self.dp is None or target is None:
+        target = self.cfg.target_epsilon
+        if target is None:
             return False
-        history = self._dp_state(state)["history"]
-        after = self._dp_epsilon(with_step(history, self.dp.z, self.dp.q))
+        after = self.epsilon(with_step((st or self.initial())["history"], self.setup.z, self.setup.q))
         if after > target:
             log.warning("dp: stopping after round %d of %d: one more round would take epsilon to %.4g > "
-                        "dp.target_epsilon=%.4g", state.round, self.cfg.fl.rounds, after, target)
+                        "dp.target_epsilon=%.4g", rounds_done, rounds, after, target)
             return True
         return False
 
-    def dp_summary(self, state: RunState) -> dict:
-        """{"dp": {...}} for summary.json ({} without DP)."""
-        if self.dp is None:
-            return {}
-        st, cfg = self._dp_state(state), self.cfg.dp
+    def summary(self, st: dict | None, stopped_early: bool) -> dict:
+        """{"dp": {...}} for summary.json: the privacy report."""
+        st, cfg, s = st or self.initial(), self.cfg, self.setup
         return {"dp": {
-            "epsilon": self._dp_epsilon(st["history"]), "delta": self.dp.delta, "accountant": cfg.accountant,
-            "noise_multiplier": self.dp.z, "update_noise_multiplier": self.dp.z_update,
-            "sample_rate": self.dp.q, "clients_per_round": self.dp.m,
+            "epsilon": self.epsilon(st["history"]), "delta": s.delta, "accountant": cfg.accountant,
+            **accountant_description(cfg.accountant, s.sampling),
+            "noise_multiplier": s.z, "update_noise_multiplier": s.z_update,
+            "sample_rate": s.q, "expected_clients_per_round": s.m, "clients_per_round": s.m,
             "rounds_accounted": sum(int(h[2]) for h in st["history"]), "adaptive": cfg.adaptive,
-            "final_clip": st["clip"], "target_epsilon": cfg.target_epsilon,
-            "stopped_early": state.round < self.cfg.fl.rounds,
+            "final_clip": st["clip"], "target_epsilon": cfg.target_epsilon, "stopped_early": stopped_early,
         }}

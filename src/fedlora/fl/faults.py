@@ -24,33 +24,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from fedlora.fl.combine import Transform
 from fedlora.fl.methods import ClientUpdate
-
-if TYPE_CHECKING:
-    from fedlora.fl.engine import RunState, _Timer
+from fedlora.fl.streams import Streams
 
 log = logging.getLogger("fedlora")
 
-_DROPOUT_SALT, _LATENCY_SALT = 2, 3  # salt 1 is FLoRA's fresh adapter seed (engine._fresh_seed)
-
-
-def _uniform(seed: int, round_index: int, client_id: int, salt: int) -> float:
-    return float(np.random.default_rng([seed, round_index, client_id, salt]).random())
-
-
 def drops_out(seed: int, round_index: int, client_id: int, probability: float) -> bool:
     """Whether `client_id` is unavailable in `round_index` (independent of every other client)."""
-    return probability > 0 and _uniform(seed, round_index, client_id, _DROPOUT_SALT) < probability
+    return probability > 0 and float(Streams(seed).numpy("dropout", round_index, client_id).random()) < probability
 
 
 def latency(seed: int, round_index: int, client_id: int, mean: float) -> float:
     """Simulated seconds the client's round takes: Exponential(mean), by inverse CDF of one uniform."""
-    return float(-mean * np.log1p(-_uniform(seed, round_index, client_id, _LATENCY_SALT)))
+    return float(-mean * np.log1p(-Streams(seed).numpy("latency", round_index, client_id).random()))
 
 
 @dataclass
@@ -83,71 +74,60 @@ def stale_update(entry: dict, staleness: float, reference: dict[str, torch.Tenso
     tensors = entry["tensors"]
     if reference is not None and "reference" in entry:
         then = entry["reference"]
+        # Only the downloaded tensors are rebased; a side channel (a scorer) travels as it was sent.
         tensors = {k: (reference[k].to(torch.float32) + (v.to(torch.float32) - then[k].to(torch.float32))).to(v.dtype)
-                   for k, v in tensors.items()}
+                   if k in then and k in reference else v for k, v in tensors.items()}
     return ClientUpdate(int(entry["client"]), tensors, entry["num_examples"] * staleness)
 
 
-class ClientFaults:
-    """Mixin of `Simulator`: faults inside a round. Uses its `cfg`, `method`, `seed`, `train_sets`,
-    `client_round` and `_reference`. Pooled methods (the centralized reference) get no faults."""
+def per_client_fields(state, num_clients: int) -> list[str]:
+    """RunState fields holding one entry per client (clients, optimizer, momentum, and any added later)."""
+    return [f.name for f in dataclasses.fields(state)
+            if isinstance(getattr(state, f.name), list) and len(getattr(state, f.name)) == num_clients]
 
-    def _draw_faults(self, sampled: list[int], round_index: int) -> RoundFaults:
-        fl = self.cfg.fl
-        if self.method.pooled:
-            return RoundFaults()
-        return draw_faults(self.seed, round_index, sampled, fl.dropout, fl.deadline, fl.latency)
 
-    def _per_client_fields(self, state: RunState) -> list[str]:
-        """RunState fields holding one entry per client (clients, optimizer, momentum, and any added later)."""
-        n = len(self.train_sets)
-        return [f.name for f in dataclasses.fields(state)
-                if isinstance(getattr(state, f.name), list) and len(getattr(state, f.name)) == n]
+def guarded(state, cid: int, round_index: int, step):
+    """(step(), None); if it raises, the client's per-client state is restored, the error logged,
+    and (None, a row reporting the client with its id and error) comes back instead: one client
+    (out of memory, bad data, a method bug) never crashes the run."""
+    names = per_client_fields(state, len(state.clients))
+    saved = {name: getattr(state, name)[cid] for name in names}
+    try:
+        return step(), None
+    except Exception as exc:  # noqa: BLE001 -- one client must never crash the run
+        for name, value in saved.items():
+            getattr(state, name)[cid] = value
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("round %d: client %s failed (%s); the round goes on without it", round_index, cid, error)
+        return None, {"client": cid, "error": error, "failed": True}
 
-    def _safe_client_round(self, state: RunState, cid: int, round_index: int,
-                           timer: _Timer) -> tuple[ClientUpdate | None, dict]:
-        """`client_round`, but a client that raises (out of memory, bad data, a method bug) is
-        reported with its id and error, its per-client state is left as it was, and the round goes on."""
-        result, failure = self._guarded(state, cid, round_index,
-                                        lambda: self.client_round(state, cid, round_index, timer))
-        return result if failure is None else (None, {**failure, "bytes_up": 0, "bytes_down": 0})
 
-    def _guarded(self, state: RunState, cid: int, round_index: int, step):
-        """(step(), None); if it raises, the client's per-client state is restored, the error logged,
-        and (None, a row reporting the client with its id and error) comes back instead."""
-        names = self._per_client_fields(state)
-        saved = {name: getattr(state, name)[cid] for name in names}
-        try:
-            return step(), None
-        except Exception as exc:  # noqa: BLE001 -- one client must never crash the run
-            for name, value in saved.items():
-                getattr(state, name)[cid] = value
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("round %d: client %s failed (%s); the round goes on without it", round_index, cid, error)
-            return None, {"client": cid, "error": error, "failed": True}
+class StaleMerge(Transform):
+    """Last round's late updates join this one, rebased and down-weighted (fl.straggler_policy=stale)."""
 
-    def _hold_late(self, state: RunState, update: ClientUpdate, round_index: int) -> None:
-        """A straggler's valid update: dropped, or buffered for the next round (policy 'stale')."""
-        if self.cfg.fl.straggler_policy != "stale":
-            return
-        reference = self._reference(state.server, update.client_id) if self.method.mean_aggregation else None
-        state.stale = [*(state.stale or []), stale_entry(update, round_index, reference)]
+    name, stage = "stale", 10
 
-    def _take_stale(self, state: RunState, round_index: int, fresh: list[ClientUpdate]) -> list[ClientUpdate]:
-        """Last round's buffered late updates, rebased and down-weighted; those of clients that
-        replied in time this round are superseded. This round's own late updates stay buffered."""
-        pending = state.stale or []
-        older = [e for e in pending if e["round"] < round_index]
+    def __init__(self, staleness: float, rebase: bool):
+        self.staleness, self.rebase = staleness, rebase
+        """rebase: the method aggregates a mean of uploads, so a late update brings its change only."""
+
+    def hold(self, pending: list[dict] | None, update: ClientUpdate, round_index: int,
+             reference: dict | None) -> list[dict]:
+        """The buffer after a straggler's valid update arrives late in `round_index`."""
+        return [*(pending or []), stale_entry(update, round_index, reference if self.rebase else None)]
+
+    def apply(self, updates, st, ctx):
+        """Buffered updates of earlier rounds join; those of clients that replied in time are superseded."""
+        pending = st or []
+        older = [e for e in pending if e["round"] < ctx.round_index]
         if not older:
-            return []
-        state.stale = [e for e in pending if e["round"] >= round_index] or None
-        replied = {u.client_id for u in fresh}
-        reference = None
-        out = []
+            return updates, st
+        replied = {u.client_id for u in updates}
+        joined = []
         for entry in older:
             if int(entry["client"]) in replied:
                 continue
-            if "reference" in entry and reference is None:
-                reference = self._reference(state.server, int(entry["client"]))
-            out.append(stale_update(entry, self.cfg.fl.staleness, reference))
-        return out
+            reference = ctx.reference(int(entry["client"])) if "reference" in entry else None
+            joined.append(stale_update(entry, self.staleness, reference))
+        ctx.notes["stale_applied"] = [u.client_id for u in joined]
+        return [*updates, *joined], [e for e in pending if e["round"] >= ctx.round_index] or None

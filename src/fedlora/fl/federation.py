@@ -14,9 +14,10 @@ import numpy as np
 
 from fedlora.config import RunConfig
 from fedlora.data import Partition, RowSerializer, Table, load_table, make_partition
+from fedlora.fl.preflight import preflight
 from fedlora.model import load_model, wrap_lora
-from fedlora.synth.features import encode_rows
 from fedlora.train.batches import EncodedExamples
+from fedlora.train.encode import encode_rows
 
 
 @dataclass
@@ -65,6 +66,7 @@ def _encode(fed_tokenizer, serializer: RowSerializer, table: Table, rows: np.nda
 
 def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = None) -> Federation:
     """Load (or reuse) the model and table, partition, serialize and tokenize every split."""
+    preflight(cfg)  # config checks that need the fl modules (topology, attack names), before any loading
     # The table and partition first: a DataError shows before minutes of model loading.
     table = table if table is not None else load_table(cfg.data, seed=cfg.seed)
     partition = make_partition(table, cfg.partition, cfg.data, seed=cfg.seed)

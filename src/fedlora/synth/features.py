@@ -1,8 +1,10 @@
 """Concordia level 2 (arXiv 2605.09855): synthetic rows as the model and the utility scorers see them.
 
 - `encode_rows`: any rows with table.frame's columns (real or synthetic) to the prompt encodings of
-  local training, exactly as the federation encodes its clients' splits (`fl/federation.py` calls it);
-- `row_labels`: each row's class index, with a clear error for a label outside `table.classes`;
+  local training, exactly as the federation encodes its clients' splits (it lives in
+  `fedlora.train.encode`, below both, and is re-exported here);
+- `row_labels`: each row's class index, with a clear error for a label outside `table.classes`
+  (also from `fedlora.train.encode`);
 - `RowFeaturizer`: one fixed schema feature vector per row, identical on every client, the input of
   the per-client utility scorer (`synth/scorer.py`).
 
@@ -24,51 +26,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from fedlora.data.tables import _FALSE, _TRUE, Table, _label_text
-from fedlora.data.text import RowSerializer
-from fedlora.train.batches import EncodedExamples, encode_examples
-
-
-# --------------------------------------------------------------------------------------- rows
-
-
-def _check_rows(table: Table, frame: pd.DataFrame, what: str, allow_empty: bool = False) -> None:
-    if len(frame) == 0 and not allow_empty:
-        raise ValueError(f"{what}: no rows; pass a DataFrame with at least one row")
-    missing = [c.name for c in table.columns if c.name not in frame.columns]
-    if table.target not in frame.columns:
-        missing.append(table.target)
-    if missing:
-        raise ValueError(f"{what}: the rows lack column(s) {missing}; synthetic rows must have the "
-                         f"columns of table.frame ({list(table.frame.columns)})")
-
-
-def row_labels(table: Table, frame: pd.DataFrame) -> np.ndarray:
-    """Each row's class index into `table.classes` (int64), as `Table.labels` for table.frame."""
-    lookup = {c: i for i, c in enumerate(table.classes)}
-    names = frame[table.target].map(_label_text)
-    bad = ~names.isin(list(lookup)).to_numpy()
-    if bad.any():
-        example = frame[table.target].to_numpy()[bad][0]
-        raise ValueError(f"{int(bad.sum())} row(s) have target {table.target!r} outside the classes "
-                         f"{table.classes} (e.g. {example!r}); drop or repair those rows first")
-    return names.map(lookup).to_numpy(dtype=np.int64)
-
-
-def encode_rows(tokenizer, serializer: RowSerializer, table: Table, frame: pd.DataFrame,
-                max_length: int, *, allow_empty: bool = False) -> EncodedExamples:
-    """Encode any rows with table.frame's columns (real or synthetic) exactly as the federation does.
-
-    Same prompt text (the client's fitted `serializer`), prompt style and system prompt, same
-    verbalizers: `fl/federation._encode(tok, ser, table, rows, n)` is
-    `encode_rows(tok, ser, table, table.frame.iloc[rows], n, allow_empty=True)`.
-    No rows is an error unless `allow_empty` (a federation split may be empty, e.g. with
-    data.global_test_fraction=0; a set of synthetic rows to train on or score may not).
-    """
-    _check_rows(table, frame, "encode_rows", allow_empty)
-    cfg = serializer.cfg
-    return encode_examples(tokenizer, serializer.prompts(frame), row_labels(table, frame),
-                           serializer.verbalizers, max_length, cfg.prompt_style, cfg.system_prompt)
+from fedlora.data.schema import _FALSE, _TRUE, Table
+from fedlora.train.encode import _check_rows, encode_rows, row_labels  # noqa: F401  (encode_rows: re-exported)
 
 
 # ----------------------------------------------------------------------------------- features

@@ -13,35 +13,35 @@ with a fresh random column order each time a row is drawn; AdamW on the LoRA fac
 Sampling starts from `GreatCodec.prompt`, uses pure temperature sampling (no top-k / top-p, so
 GRPO's log-probs are those of the sampler) and keeps the rows `GreatCodec.parse` accepts.
 
-Reward (the paper names a scorer ensemble plus format and duplication terms; the composition is
-ours, see `RewardComposer`):
-    r(x) = u(x) + w_valid - w_copy * c(DCR(x))      if x parses to a row,
-    r(x) = r_invalid + w_partial * share(x)          otherwise,
-with u the caller's utility (Concordia: the mean of the shared scorers), DCR the Gower distance
-to the closest real row of the client, and share(x) the fraction of columns with a valid value.
-With the defaults a valid new row (1 + u) beats any invalid text (<= 0.5), which beats an exact
-copy (0 + u): a copy leaks a real record, an invalid text is only dropped. On a table with few
-columns nearly every valid row is a near-copy, and GRPO then drifts to almost-valid texts; lower
-`copy_weight` or `copy_threshold` there.
+Reward: `synth/reward.py` (`RewardComposer`: utility, validity and a copy penalty). The model
+plumbing (adapter swaps, tokens, sampling, log-probs) is in `synth/lm.py`. Both are re-exported
+here, the names this module always offered.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from fedlora.data.tables import Table
-from fedlora.model.lora import AdapterState, adapter_parameters, adapter_state, init_adapter_state
-from fedlora.model.lora import load_adapter_state, set_trainable
-from fedlora.synth.distance import closest_distance
+from fedlora.model.lora import AdapterState, adapter_state, init_adapter_state
 from fedlora.synth.great import GreatCodec
+from fedlora.synth.lm import (  # noqa: F401  (re-exported: completion_logprobs, generate_completions, ...)
+    completion_logprobs,
+    encode_texts,
+    generate_completions,
+    lora_training,
+    model_device,
+    pad_id,
+    row_token_budget,
+    swapped_adapter,
+)
+from fedlora.synth.reward import RewardBreakdown, RewardComposer, RewardConfig  # noqa: F401  (re-exported)
 from fedlora.train.batches import collate, target_logprobs
 from fedlora.train.local import batch_order
 
@@ -101,104 +101,6 @@ class SampleResult:
     def reason_counts(self) -> dict[str, int]:
         """How many samples failed for each reason (valid ones are not counted)."""
         return dict(sorted(Counter(r for r in self.reasons if r is not None).items()))
-
-
-# ---------------------------------------------------------------------------- adapter + tokens
-
-
-@contextmanager
-def swapped_adapter(model, state: AdapterState) -> Iterator[None]:
-    """Load `state` into the model's adapter for the block; restore the previous contents exactly."""
-    saved = {n: p.detach().clone() for n, p in adapter_parameters(model).items()}  # same dtype: bitwise
-    load_adapter_state(model, state)
-    try:
-        yield
-    finally:
-        load_adapter_state(model, saved)
-
-
-@contextmanager
-def lora_training(model) -> Iterator[list[torch.nn.Parameter]]:
-    """LoRA A and B trainable (all else frozen) for the block; flags and train/eval mode restored."""
-    flags = {p: p.requires_grad for p in model.parameters()}
-    mode = model.training
-    try:
-        yield set_trainable(model, "ab")
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(mode)
-
-
-def model_device(model) -> torch.device:
-    return next(iter(adapter_parameters(model).values())).device
-
-
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text after one start token (BOS, or EOS when there is no BOS)."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None or tokenizer.eos_token_id is None:
-        raise ValueError("the generator needs a tokenizer with an EOS token (rows end with EOS)")
-    return [[start] + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompt_ids: list[list[int]], temperature: float,
-                         max_new_tokens: int, seed: int, batch_size: int = 32) -> list[list[int]]:
-    """Sample one completion per prompt (pure temperature sampling: no top-k/top-p), cut after EOS.
-
-    Seeded: the torch RNG is forked, so the caller's global RNG state is untouched.
-    """
-    if temperature <= 0 or max_new_tokens < 1:
-        raise ValueError(f"temperature must be > 0 and max_new_tokens >= 1, got {temperature}, {max_new_tokens}")
-    device, pad, eos = model_device(model), pad_id(tokenizer), tokenizer.eos_token_id
-    mode, out = model.training, []
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for s in range(0, len(prompt_ids), batch_size):
-            chunk = prompt_ids[s : s + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=eos)
-            out += [row[: row.index(eos) + 1] if eos in row else row for row in gen[:, width:].tolist()]
-    model.train(mode)
-    return out
-
-
-def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int,
-                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) log pi(token | prefix) of each completion token under logits / temperature, and its mask.
-
-    Completions are right-aligned (left padding, as `collate` does); masked entries are 0.
-    """
-    batch = collate(list(zip(prompt_ids, completion_ids)), pad, model_device(model))
-    keep = batch["targets"].shape[1] + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
-    logp = torch.log_softmax(logits[:, -keep:-1].float() / temperature, dim=-1)
-    mask = batch["targets"] != -100
-    picked = logp.gather(-1, batch["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask, mask
-
-
-def row_token_budget(codec: GreatCodec, tokenizer) -> int:
-    """A fallback max_new_tokens: 1.25 x the tokens of a row of every column's longest known value, + 8."""
-    widest = {}
-    for name in codec.names:
-        texts = [t for t, _ in codec.spec["marginals"][name]]
-        widest[name] = max(texts, key=len) if texts else "unknown"
-    text = ", ".join(f"{codec._text[n]} is {widest[n]}" for n in codec.names)
-    return int(1.25 * (len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1)) + 8
 
 
 # ---------------------------------------------------------------------------------- generator
@@ -346,83 +248,3 @@ def _lm_loss(model, tokenizer, texts: list[str], micro: int | None, backward: bo
             loss.backward()
         out += float(loss.detach())
     return out
-
-
-# ------------------------------------------------------------------------------------- reward
-
-
-@dataclass
-class RewardConfig:
-    validity_weight: float = 1.0
-    """Bonus of a valid row. With utilities in about [-0.5, 0.5], any valid row beats any invalid one."""
-    invalid_reward: float = 0.0
-    """Base reward of a text that does not parse (its utility is not computed: 0)."""
-    partial_weight: float = 0.5
-    """Partial credit x share of valid columns for an invalid text: a dense signal, so a group of
-    all-invalid samples still has reward differences to learn from (< validity_weight)."""
-    copy_weight: float = 1.0
-    copy_threshold: float = 0.02
-    """Gower DCR below which a row counts as a near-copy. 0.02 is below every real row's distance to
-    its nearest other real row in 200-row samples of both built-ins (min 0.024 / 0.025)."""
-    copy_mode: str = "linear"
-    """'step': c = [DCR < t]; 'linear': c = max(0, 1 - DCR / t) (1 for an exact copy, and smoother)."""
-
-    def __post_init__(self):
-        if self.copy_mode not in ("step", "linear") or self.copy_threshold <= 0:
-            raise ValueError("RewardConfig: copy_mode must be 'step' or 'linear' and copy_threshold > 0, "
-                             f"got {self.copy_mode!r} and {self.copy_threshold}")
-
-
-@dataclass
-class RewardBreakdown:
-    reward: np.ndarray
-    valid: np.ndarray
-    utility: np.ndarray
-    """u(x) for valid rows, 0 for invalid ones."""
-    dcr: np.ndarray
-    """Gower distance to the closest real row; NaN for invalid rows."""
-    penalty: np.ndarray
-    """w_copy * c(DCR), as subtracted (0 for invalid rows)."""
-    copies: np.ndarray
-    """Valid rows with DCR < copy_threshold."""
-    reasons: list[str | None] = field(default_factory=list)
-
-
-class RewardComposer:
-    """texts -> RewardBreakdown (`.reward` per text, and its parts); see the module doc for r(x).
-
-    `utility(valid_rows) -> (n_valid,)` gets the parsed rows as a DataFrame with the table's
-    dtypes; None means u = 0 (a format-and-privacy-only reward).
-    """
-
-    def __init__(self, codec: GreatCodec, real: pd.DataFrame,
-                 utility: Callable[[pd.DataFrame], np.ndarray] | None = None, cfg: RewardConfig | None = None):
-        if real is None or len(real) == 0:
-            raise ValueError("the reward needs the client's real rows for the copy penalty; got none")
-        self.codec, self.utility, self.cfg = codec, utility, cfg or RewardConfig()
-        self.real = real[codec.names].reset_index(drop=True)
-
-    def copy_penalty(self, dcr: np.ndarray) -> np.ndarray:
-        t = self.cfg.copy_threshold
-        c = (dcr < t).astype(float) if self.cfg.copy_mode == "step" else np.clip(1 - dcr / t, 0, 1)
-        return self.cfg.copy_weight * c
-
-    def __call__(self, texts: list[str]) -> RewardBreakdown:
-        parsed = [self.codec.parse(t) for t in texts]
-        valid = np.array([r is not None for r, _ in parsed], dtype=bool)
-        n = len(texts)
-        utility, dcr, penalty = np.zeros(n), np.full(n, np.nan), np.zeros(n)
-        reward = np.array([self.cfg.invalid_reward + self.cfg.partial_weight * self.codec.valid_fraction(t)
-                           for t in texts], dtype=float)
-        if valid.any():
-            rows = self.codec.to_frame([r for r, _ in parsed if r is not None])
-            if self.utility is not None:
-                u = np.asarray(self.utility(rows), dtype=float).reshape(-1)
-                if u.shape != (len(rows),) or not np.isfinite(u).all():
-                    raise ValueError(f"utility must return {len(rows)} finite numbers, got shape {u.shape}")
-                utility[valid] = u
-            dcr[valid] = closest_distance(rows, self.real, self.codec.names)
-            penalty[valid] = self.copy_penalty(dcr[valid])
-            reward[valid] = utility[valid] + self.cfg.validity_weight - penalty[valid]
-        copies = valid & (np.nan_to_num(dcr, nan=np.inf) < self.cfg.copy_threshold)
-        return RewardBreakdown(reward, valid, utility, dcr, penalty, copies, [r for _, r in parsed])

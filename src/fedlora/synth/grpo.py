@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedlora.model.lora import adapter_state
-from fedlora.synth.generator import (
+from fedlora.synth.lm import (
     completion_logprobs,
     encode_texts,
     generate_completions,

@@ -57,6 +57,9 @@ class Method:
     """`aggregate` starts from the example-weighted mean of the uploads (`weighted_mean`), every
     client downloads the same tensors under the names it uploads, and aggregating one update
     gives that update: the engine may then replace the mean by a robust chain (config `robust`)."""
+    not_mean_because: ClassVar[str] = ""
+    """Why a method without `mean_aggregation` cannot take a robust chain, attacks, worker momentum
+    or DP-FedAvg (the message `fl/combine.check_composition` gives)."""
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.defaults))

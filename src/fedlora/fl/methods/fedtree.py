@@ -63,6 +63,8 @@ def _mix_name(layer: int) -> str:
 @register
 class FedTreeLoRA(Method):
     name = "fedtree"
+    not_mean_because = ("FedTreeLoRA averages within data-dependent clusters, which neither a robust rule "
+                        "nor DP-FedAvg's sensitivity covers")
     paper = "arXiv 2603.13282"
     personalized = True
     train_mask = "abm"

@@ -77,6 +77,7 @@ def trim_zero_rank(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
 @register
 class FLoRA(Method):
     name = "flora"
+    not_mean_because = "FLoRA stacks the clients' factors into a larger adapter instead of averaging them"
     paper = "arXiv 2409.05976"
     fresh_each_round = True
     defaults = {"ranks": None}

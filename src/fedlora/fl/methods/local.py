@@ -18,6 +18,7 @@ from fedlora.fl.methods.registry import register
 @register
 class LocalOnly(Method):
     name = "local"
+    not_mean_because = "local training sends nothing to aggregate"
     personalized = True
 
     def init_server(self, initial: TensorDict) -> TensorDict:

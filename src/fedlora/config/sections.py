@@ -1,33 +1,16 @@
-"""Typed run configuration: dataclasses, YAML loading, dotted command-line overrides.
+"""The run configuration's sections: one dataclass per YAML section, and `RunConfig` holding them all.
 
-A config is a tree of dataclasses. Unknown keys and wrong types fail early with a message that
-names the key and lists the valid ones, so a typo in a YAML file never silently falls back to a
-default.
-
->>> cfg = load_config(None, ["fl.rounds=3", "partition.num_clients=2"])
->>> cfg.fl.rounds, cfg.partition.num_clients
-(3, 2)
+Fields carry their defaults and, in the docstring under each, what the value means. Types and
+allowed values are enforced when a config is built from a mapping (`fedlora.config.loading`)
+and by `fedlora.config.validate`; checks that need other fedlora modules (the topology graph,
+attack names) run in `fedlora.fl.preflight` before a run starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
-
-
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message says which key and how to fix it."""
 
 
 @dataclass
@@ -142,6 +125,13 @@ class FLConfig:
     min_replies: int = 1
     """Fewest valid updates that make a round count; below it the round is skipped and logged, and
     the server state is left unchanged. The centralized reference always needs its one reply."""
+    sampling: str = "auto"
+    """Client sampling: 'fixed' (exactly round(client_fraction * N) of N, without replacement),
+    'poisson' (each client joins a round with probability client_fraction), or 'auto': poisson
+    when dp is on (the sampler its accountant assumes), fixed otherwise (fl/server_runtime.py)."""
+    max_examples: int = 10_000_000
+    """The largest example count a payload may report (`num_examples`, a client's own word); in
+    simulation a client's declared data size caps it further. Above it the payload is rejected."""
 
 
 @dataclass
@@ -308,261 +298,3 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-_CHOICES = {
-    "data.number_format": {"digits", "quantile"},
-    "data.prompt_style": {"auto", "chat", "plain"},
-    "partition.scheme": {"iid", "dirichlet", "quantity", "column"},
-    "train.optimizer_state": {"reset", "keep"},
-    "fl.straggler_policy": {"drop", "stale"},
-    "eval.baseline": {"logreg", "gboost", "none"},
-    "dp.accountant": {"rdp", "prv"},
-    "topology.graph": {"ring", "torus", "complete", "kregular", "erdos_renyi", "pairwise", "edges"},
-    "topology.weights": {"metropolis", "uniform"},
-    "concordia.variant": {"concordia", "static", "decoupled", "uniform", "local"},
-}
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against the type hint of `key`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, key) for v in value]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if math.isnan(value):  # NaN passes no range check, so it would slip through validate()
-            raise ConfigError(f"{key}: expected a number, got NaN")
-        return float(value)
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if hint in (int, bool, str) and type(value) is hint:
-        return value
-    if hint is float and isinstance(value, str) and _FLOAT.match(value.strip()):
-        # YAML 1.1 reads 5e-4 (no decimal point) as a string; accept it as the number it is.
-        return float(value)
-    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
-
-
-def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested mapping, rejecting unknown keys and wrong types."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names, key=str)  # YAML keys may be ints, None, ...
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
-            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        hint, key = hints[name], prefix + name
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, hint, key)
-            if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
-                raise ConfigError(f"{key}: {value!r} is not one of {sorted(_CHOICES[key])}")
-    return cls(**kwargs)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars/lists."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. fl.rounds=3)")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if node.get(part) is None:  # absent, or an empty `section:` line in the YAML file
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-        except (yaml.YAMLError, RecursionError) as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0][:120]}); "
-                              "quote it, e.g. key='[a'") from None
-    return data
-
-
-_MAX_VALUES, _MAX_DEPTH = 100_000, 32
-
-
-def _check_extent(data: Any) -> None:
-    """Refuse documents too large or too deep to be a config: YAML aliases (&a, *a) may expand
-    exponentially or refer to themselves, and to_dict()/safe_dump would then never finish."""
-    stack, count = [(data, 0)], 0
-    while stack:
-        value, depth = stack.pop()
-        count += 1
-        if count > _MAX_VALUES or depth > _MAX_DEPTH:
-            raise ConfigError(f"config is too large or nested too deeply (over {_MAX_VALUES} values or "
-                              f"{_MAX_DEPTH} levels, YAML aliases counted as copies); check for an alias "
-                              "that refers to itself (&a [*a])")
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, RecursionError) as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping of sections "
-                              f"(e.g. 'fl: {{rounds: 3}}'), got a {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
-    _check_extent(data)
-    cfg = from_dict(RunConfig, data)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that a type check cannot express."""
-    checks = [
-        (cfg.fl.rounds >= 1, "fl.rounds must be >= 1"),
-        (0 < cfg.fl.client_fraction <= 1, "fl.client_fraction must be in (0, 1]"),
-        (cfg.partition.num_clients >= 1, "partition.num_clients must be >= 1"),
-        (cfg.partition.alpha > 0, "partition.alpha must be > 0"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (cfg.train.local_steps >= 1, "train.local_steps must be >= 1"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
-        (cfg.lora.r >= 1, "lora.r must be >= 1"),
-        (cfg.lora.target_modules, "lora.target_modules must name at least one module"),
-        (0 <= cfg.data.global_test_fraction < 1, "data.global_test_fraction must be in [0, 1)"),
-        (
-            0 <= cfg.data.val_fraction and 0 <= cfg.data.test_fraction
-            and cfg.data.val_fraction + cfg.data.test_fraction < 1,
-            "data.val_fraction + data.test_fraction must be < 1",
-        ),
-        (
-            cfg.partition.scheme != "column" or cfg.partition.column,
-            "partition.scheme=column needs partition.column (e.g. --set partition.column=age_band)",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    _validate_faults(cfg)
-    _validate_robust(cfg)
-    from fedlora.fl.topology import check_topology  # a graph that cannot be built fails here
-
-    check_topology(cfg.topology, cfg.partition.num_clients)
-
-
-def _validate_faults(cfg: RunConfig) -> None:
-    fl = cfg.fl
-    sampled = max(1, round(fl.client_fraction * cfg.partition.num_clients))
-    checks = [
-        (fl.keep_checkpoints >= 1, "fl.keep_checkpoints must be >= 1 (2 lets a corrupted newest one fall back)"),
-        (0 <= fl.dropout < 1, "fl.dropout must be in [0, 1) (a probability per client per round)"),
-        (fl.deadline is None or fl.deadline > 0, "fl.deadline must be > 0 simulated seconds (or null: none)"),
-        (fl.latency > 0, "fl.latency must be > 0 (mean simulated seconds of a client's round)"),
-        (0 < fl.staleness <= 1, "fl.staleness must be in (0, 1] (the weight of a late update)"),
-        (fl.min_replies >= 1, "fl.min_replies must be >= 1"),
-        (fl.min_replies <= sampled,
-         f"fl.min_replies={fl.min_replies} exceeds the {sampled} clients sampled per round, so every round "
-         "would be skipped; lower it or raise fl.client_fraction / partition.num_clients"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    _validate_dp(cfg)
-
-
-def _validate_dp(cfg: RunConfig) -> None:
-    """DP settings that need no model; the method and m are checked by the simulator (fl/dp.py)."""
-    dp = cfg.dp
-    if not dp.enabled:
-        return
-    inf = float("inf")
-    checks = [
-        (0 <= dp.noise_multiplier < inf, "dp.noise_multiplier must be a finite number >= 0"),
-        (dp.clip > 0, "dp.clip must be > 0 (.inf for no clipping)"),
-        (dp.clip < inf or dp.noise_multiplier == 0,
-         "dp.clip=.inf (no clipping) needs dp.noise_multiplier=0: the noise is noise_multiplier * clip"),
-        (dp.clip < inf or not dp.adaptive, "dp.adaptive needs a finite initial dp.clip"),
-        (0 <= dp.target_quantile <= 1, "dp.target_quantile must be in [0, 1]"),
-        (dp.clip_lr >= 0, "dp.clip_lr must be >= 0"),
-        (dp.count_noise is None or dp.count_noise >= 0, "dp.count_noise must be >= 0 (or null for m / 20)"),
-        (dp.delta is None or 0 < dp.delta < 1, "dp.delta must be in (0, 1) (or null)"),
-        (dp.target_epsilon is None or dp.target_epsilon > 0, "dp.target_epsilon must be > 0 (or null)"),
-        (cfg.robust.aggregator is None,
-         "dp and robust.aggregator cannot be combined: DP noise is calibrated to the sum of clipped updates, "
-         "which a robust rule replaces (set one of them)"),
-        (cfg.fl.straggler_policy != "stale",
-         "dp and fl.straggler_policy=stale cannot be combined: a late update applied in the next round can add a "
-         "second clipped update of one client to that round, doubling the sensitivity the noise assumes"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def _validate_robust(cfg: RunConfig) -> None:
-    rb, n = cfg.robust, cfg.partition.num_clients
-    checks = [
-        (rb.f >= 0, "robust.f must be >= 0"),
-        (0 <= rb.byzantine < n, f"robust.byzantine must be in [0, partition.num_clients) = [0, {n})"),
-        (rb.momentum is None or 0 <= rb.momentum < 1, "robust.momentum must be in [0, 1) (or null)"),
-        (rb.aggregator is None or len(rb.aggregator) > 0, "robust.aggregator must name at least a rule (or be null)"),
-        (rb.attack == "none" or rb.byzantine >= 1, f"robust.attack={rb.attack} needs robust.byzantine >= 1"),
-        (not rb.label_flip or rb.byzantine >= 1, "robust.label_flip needs robust.byzantine >= 1"),
-        (not (rb.label_flip and rb.attack != "none"),
-         "robust.label_flip and robust.attack are alternative Byzantine behaviours; set attack=none to flip labels"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if rb.attack != "none":
-        from fedlora.fl.attacks import MALFORMED_KINDS, available_attacks
-
-        if rb.attack.startswith("malformed:"):
-            kind = rb.attack.split(":", 1)[1]
-            if kind not in MALFORMED_KINDS:
-                raise ConfigError(f"robust.attack: unknown malformed kind {kind!r}; one of {', '.join(MALFORMED_KINDS)}")
-        elif rb.attack not in available_attacks():
-            raise ConfigError(f"robust.attack: {rb.attack!r} is not 'none', 'malformed:<kind>' or one of "
-                              f"{', '.join(available_attacks())}")

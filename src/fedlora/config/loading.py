@@ -1,0 +1,175 @@
+"""Build a `RunConfig` from YAML and dotted command-line overrides, checking every key and type.
+
+`load_config` reads a file (or starts from the defaults), applies `a.b=value` overrides, refuses
+documents too large or deep to be a config, builds the dataclass tree with `from_dict` (unknown
+keys and wrong types fail with a message naming the key and the valid ones) and runs
+`fedlora.config.validate.validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedlora.config.errors import ConfigError
+from fedlora.config.sections import RunConfig
+from fedlora.config.validate import validate
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+_CHOICES = {
+    "data.number_format": {"digits", "quantile"},
+    "data.prompt_style": {"auto", "chat", "plain"},
+    "partition.scheme": {"iid", "dirichlet", "quantity", "column"},
+    "train.optimizer_state": {"reset", "keep"},
+    "fl.straggler_policy": {"drop", "stale"},
+    "fl.sampling": {"auto", "fixed", "poisson"},
+    "eval.baseline": {"logreg", "gboost", "none"},
+    "dp.accountant": {"rdp", "prv"},
+    "topology.graph": {"ring", "torus", "complete", "kregular", "erdos_renyi", "pairwise", "edges"},
+    "topology.weights": {"metropolis", "uniform"},
+    "concordia.variant": {"concordia", "static", "decoupled", "uniform", "local"},
+}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type hint of `key`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, key) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):  # NaN passes no range check, so it would slip through validate()
+            raise ConfigError(f"{key}: expected a number, got NaN")
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, bool, str) and type(value) is hint:
+        return value
+    if hint is float and isinstance(value, str) and _FLOAT.match(value.strip()):
+        # YAML 1.1 reads 5e-4 (no decimal point) as a string; accept it as the number it is.
+        return float(value)
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping, rejecting unknown keys and wrong types."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be ints, None, ...
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+            if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
+                raise ConfigError(f"{key}: {value!r} is not one of {sorted(_CHOICES[key])}")
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. fl.rounds=3)")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:  # absent, or an empty `section:` line in the YAML file
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0][:120]}); "
+                              "quote it, e.g. key='[a'") from None
+    return data
+
+
+_MAX_VALUES, _MAX_DEPTH = 100_000, 32
+
+
+def _check_extent(data: Any) -> None:
+    """Refuse documents too large or too deep to be a config: YAML aliases (&a, *a) may expand
+    exponentially or refer to themselves, and to_dict()/safe_dump would then never finish."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > _MAX_VALUES or depth > _MAX_DEPTH:
+            raise ConfigError(f"config is too large or nested too deeply (over {_MAX_VALUES} values or "
+                              f"{_MAX_DEPTH} levels, YAML aliases counted as copies); check for an alias "
+                              "that refers to itself (&a [*a])")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections "
+                              f"(e.g. 'fl: {{rounds: 3}}'), got a {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    _check_extent(data)
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,36 @@
+"""Checks of a run config that need the fl modules, run before any expensive work.
+
+`fedlora.config` validates types and values on its own and imports nothing else from fedlora.
+What it cannot know lives here: whether the topology graph can be built on the configured
+clients (`fl/topology.py`) and whether `robust.attack` names a registered attack
+(`fl/attacks.py`). `preflight(cfg)` raises `ConfigError` naming the key; `prepare()` calls it
+first, and so does the command line right after loading a config.
+
+>>> from fedlora.config import RunConfig
+>>> preflight(RunConfig())  # the defaults pass
+"""
+
+from __future__ import annotations
+
+from fedlora.config import ConfigError, RobustConfig, RunConfig
+from fedlora.fl.attacks import MALFORMED_KINDS, available_attacks
+from fedlora.fl.topology import check_topology
+
+
+def preflight(cfg: RunConfig) -> None:
+    """ConfigError when robust.attack is unknown or the topology cannot be built on the clients."""
+    check_attack(cfg.robust)
+    check_topology(cfg.topology, cfg.partition.num_clients)  # a graph that cannot be built fails here
+
+
+def check_attack(rb: RobustConfig) -> None:
+    """robust.attack is 'none', 'malformed:<kind>' with a known kind, or a registered update attack."""
+    if rb.attack == "none":
+        return
+    if rb.attack.startswith("malformed:"):
+        kind = rb.attack.split(":", 1)[1]
+        if kind not in MALFORMED_KINDS:
+            raise ConfigError(f"robust.attack: unknown malformed kind {kind!r}; one of {', '.join(MALFORMED_KINDS)}")
+    elif rb.attack not in available_attacks():
+        raise ConfigError(f"robust.attack: {rb.attack!r} is not 'none', 'malformed:<kind>' or one of "
+                          f"{', '.join(available_attacks())}")
