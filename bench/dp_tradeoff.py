@@ -28,6 +28,7 @@ import torch
 
 import fedlora
 from fedlora.config import DPConfig
+from fedlora.fl.combine import flat_deltas
 from fedlora.fl.engine import Simulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,22 +44,29 @@ def load(args):
         "fl.eval_every=0", "eval.zero_shot=false", "eval.baseline=none", *args.set])
 
 
-class _NormRecorder(Simulator):
-    """The non-private run, recording each client's update norm (to pick C; not private)."""
+class _NormRecorder:
+    """Wraps the server's combine chain in the non-private run, recording each client's update
+    norm (to pick C; not private)."""
 
-    norms: list[float]
+    def __init__(self, combine):
+        self.combine, self.norms = combine, []
 
-    def _aggregate(self, state, updates, round_index):
-        _, keys, deltas = self._deltas(state, updates, "the norm recorder")
-        self.norms.extend(float(torch.cat([d[k].reshape(-1) for k in keys]).norm()) for d in deltas)
-        return super()._aggregate(state, updates, round_index)
+    def get(self, name):
+        return self.combine.get(name)
+
+    def __call__(self, state, updates, ctx):
+        if updates:
+            _, keys, deltas = flat_deltas(ctx.method, updates, ctx, "the norm recorder")
+            self.norms.extend(float(torch.cat([d[k].reshape(-1) for k in keys]).norm()) for d in deltas)
+        return self.combine(state, updates, ctx)
 
 
 def one_run(fed, method: str, dp: DPConfig | None) -> dict:
     cfg = dataclasses.replace(fed.cfg, dp=dp or DPConfig())
-    sim_cls = _NormRecorder if dp is None else Simulator
-    sim = sim_cls(dataclasses.replace(fed, cfg=cfg), method)
-    sim.norms = []
+    sim = Simulator(dataclasses.replace(fed, cfg=cfg), method)
+    recorder = _NormRecorder(sim.server.combine)
+    if dp is None:
+        sim.server.combine = recorder
     started = time.perf_counter()
     result = sim.run()
     glob = result.final("global") or {}
@@ -66,7 +74,7 @@ def one_run(fed, method: str, dp: DPConfig | None) -> dict:
     server = [r for r in result.rows if r["client"] == "server"][-1]
     return {"eps": server.get("epsilon"), "delta": server.get("delta"), "acc": glob.get("accuracy"),
             "auroc": glob.get("auroc"), "client_acc": statistics.mean(c["accuracy"] for c in clients if c),
-            "wall": time.perf_counter() - started, "norms": sim.norms}
+            "wall": time.perf_counter() - started, "norms": recorder.norms}
 
 
 def fmt(x, spec=".3f") -> str:

@@ -249,10 +249,13 @@ def test_methods_without_a_mean_are_rejected_before_the_run(fed, method):
 
 
 def test_incompatible_settings_are_rejected():
+    from fedlora.fl.preflight import preflight
+
+    # Pairs are composition rules (fl/combine.py): refused by preflight, before any model is loaded.
     with pytest.raises(ConfigError, match="robust.aggregator"):
-        make_config("dp.enabled=true", "robust.aggregator=[median]")
+        preflight(make_config("dp.enabled=true", "robust.aggregator=[median]"))
     with pytest.raises(ConfigError, match="straggler_policy"):
-        make_config("dp.enabled=true", "fl.straggler_policy=stale")
+        preflight(make_config("dp.enabled=true", "fl.straggler_policy=stale"))
     with pytest.raises(ConfigError, match="noise_multiplier=0"):
         make_config("dp.enabled=true", "dp.clip=.inf")
     with pytest.raises(ConfigError, match="dp.accountant"):

@@ -259,3 +259,43 @@ def test_dp_refuses_a_side_channel_it_does_not_cover(fed, fake_sampler):
     result = sim.run()
     assert all(math.isfinite(s["epsilon"]) for s in _servers(result))
     assert not result.state.synthetic["ensemble"]
+
+
+# ---------------------------------------------------------------- a method with a side channel
+
+
+def _sketch_method():
+    from fedlora.fl.methods import weighted_mean
+    from fedlora.fl.methods.fedit import FedIT
+
+    class Sketch(FedIT):
+        """FedIT plus one extra tensor per client (its update's norm): a method's own side channel."""
+
+        name = "sketch"
+        side_channels = ("sketch.",)
+
+        def upload(self, trained, client):
+            payload, client = super().upload(trained, client)
+            return {**payload, "sketch.norm": torch.stack([v.norm() for v in payload.values()]).sum().reshape(1)}, client
+
+        def aggregate(self, server, updates):
+            keys = [k for k in updates[0].tensors if not k.startswith("sketch.")]
+            return weighted_mean(updates, keys)
+
+    return Sketch()
+
+
+def test_a_method_declares_its_side_channel_in_its_own_file(fed):
+    """The schema (derived from the method's upload) validates the channel; DP and robust rules,
+    which cannot cover it, are refused before round 1 naming both."""
+    sim = Simulator(_fed(fed, rounds=1), _sketch_method())
+    result = sim.run()
+    assert set(result.state.server) == set(sim.reference(result.state.server, 0))
+    state = sim.initial_state()
+    without = {k: v for k, v in sim.reference(state.server, 0).items()}  # no sketch tensor
+    update, row = sim.receive(0, without, 5, {"client": 0}, Timer(), round_index=1)
+    assert update is None and row["reject_reason"] == "keys"
+    with pytest.raises(ConfigError, match=r"dp cannot apply to method 'sketch'.*sketch\."):
+        Simulator(_fed(fed, dp=DPConfig(enabled=True)), _sketch_method())
+    with pytest.raises(ConfigError, match=r"robust.aggregator cannot apply to method 'sketch'.*sketch\."):
+        Simulator(_fed(fed, robust=RobustConfig(aggregator=["median"], f=1)), _sketch_method())

@@ -79,12 +79,6 @@ def _validate_dp(cfg: RunConfig) -> None:
         (dp.count_noise is None or dp.count_noise >= 0, "dp.count_noise must be >= 0 (or null for m / 20)"),
         (dp.delta is None or 0 < dp.delta < 1, "dp.delta must be in (0, 1) (or null)"),
         (dp.target_epsilon is None or dp.target_epsilon > 0, "dp.target_epsilon must be > 0 (or null)"),
-        (cfg.robust.aggregator is None,
-         "dp and robust.aggregator cannot be combined: DP noise is calibrated to the sum of clipped updates, "
-         "which a robust rule replaces (set one of them)"),
-        (cfg.fl.straggler_policy != "stale",
-         "dp and fl.straggler_policy=stale cannot be combined: a late update applied in the next round can add a "
-         "second clipped update of one client to that round, doubling the sensitivity the noise assumes"),
     ]
     for ok, message in checks:
         if not ok:

@@ -130,7 +130,7 @@ def mean_methods() -> list[str]:
     out = []
     for name in available_methods():
         m = build_method(name)
-        if m.mean_aggregation and not m.pooled and not m.decentralized:
+        if m.mean_aggregation and not m.pooled and not m.decentralized and not m.side_channels:
             out.append(name)
     return out
 
@@ -144,8 +144,10 @@ def check_composition(cfg, method: Method, side_channels: tuple[SideChannel, ...
                                         (f"robust.attack={rb.attack}", update_attack),
                                         ("robust.momentum", rb.momentum is not None),
                                         ("dp", dp.enabled)) if on]
-    if needs_mean and not method.mean_aggregation and not method.pooled:
-        why = getattr(method, "not_mean_because", "") or "its server step does not start from a weighted mean"
+    if needs_mean and not method.pooled and (not method.mean_aggregation or method.side_channels):
+        why = (f"its payload carries side channel(s) {list(method.side_channels)} beside the adapter"
+               if method.mean_aggregation else method.not_mean_because
+               or "its server step does not start from a weighted mean")
         raise ConfigError(f"{', '.join(needs_mean)} cannot apply to method {method.name!r}: {why}. "
                           f"They need a method that averages the uploads ({', '.join(mean_methods())})")
     if dp.enabled:

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 from fedlora.config import ConfigError, RobustConfig, RunConfig
 from fedlora.fl.attacks import MALFORMED_KINDS, available_attacks
+from fedlora.fl.combine import check_composition
+from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.topology import check_topology
 
 
 def preflight(cfg: RunConfig) -> None:
-    """ConfigError when robust.attack is unknown or the topology cannot be built on the clients."""
+    """ConfigError when robust.attack is unknown, the topology cannot be built on the clients, or
+    two features cannot be combined (fl/combine.check_composition; the engines check again with
+    the client rule's side channels, which need the prepared data)."""
     check_attack(cfg.robust)
     check_topology(cfg.topology, cfg.partition.num_clients)  # a graph that cannot be built fails here
+    check_composition(cfg, build_method(cfg.fl.method, method_options(cfg, cfg.fl.method)))
 
 
 def check_attack(rb: RobustConfig) -> None:

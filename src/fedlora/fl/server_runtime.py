@@ -87,7 +87,9 @@ class ServerRuntime:
         self.streams = Streams(seed)
         self.num_clients = n = num_clients
         channels = tuple(getattr(rule, "side_channels", ()))
-        check_composition(cfg, method, channels, getattr(rule, "name", None))
+        # A method's own side channels travel in its payload (its schema has them) and reach its aggregate.
+        declared = channels + tuple(SideChannel(prefix, prefix) for prefix in method.side_channels)
+        check_composition(cfg, method, declared, getattr(rule, "name", None) if channels else f"method {method.name!r}")
         self.sampling = "fixed" if method.pooled else resolve_sampling(cfg)
         self.q = 1.0 if method.pooled else min(1.0, cfg.fl.client_fraction)
         self.num_sampled = 1 if method.pooled else max(1, round(cfg.fl.client_fraction * n))

@@ -57,6 +57,10 @@ class Method:
     """`aggregate` starts from the example-weighted mean of the uploads (`weighted_mean`), every
     client downloads the same tensors under the names it uploads, and aggregating one update
     gives that update: the engine may then replace the mean by a robust chain (config `robust`)."""
+    side_channels: ClassVar[tuple[str, ...]] = ()
+    """Name prefixes of payload tensors that are not adapter factors (e.g. a sketch or a small model
+    the method sends beside its adapter). The payload schema already holds them (it is derived from
+    `upload`); declaring them lets the engine refuse what cannot cover them (DP) before round 1."""
     not_mean_because: ClassVar[str] = ""
     """Why a method without `mean_aggregation` cannot take a robust chain, attacks, worker momentum
     or DP-FedAvg (the message `fl/combine.check_composition` gives)."""

@@ -73,6 +73,7 @@ class GossipMethod(LocalOnly):
 
     name = ""
     decentralized = True
+    not_mean_because = "it is decentralized: there is no server to combine the uploads (or to add noise)"
     sent: ClassVar[str] = "ab"
     """The factors sent to (and mixed with) neighbours: 'ab', 'a' or 'b'."""
 
