@@ -112,8 +112,11 @@ def _check(name: str, sim, result, base_before) -> None:
         eps = [s["epsilon"] for s in servers]
         assert all(math.isfinite(e) and e > 0 for e in eps) and eps == sorted(eps)
     elif name in CHAINS:
-        for s in servers:  # f is never lowered by honest absence
-            assert s["robust_f"] == 1 - min(1, s["num_rejected"])
+        for s in servers:  # f is never lowered by honest absence; too few updates skip the round
+            f = s["robust_f"]
+            assert f == 1 - min(1, s["num_rejected"])
+            needs = 1 if name == "bucketing_mean" else 2 * f + 1  # the rule's n > 2f (mean: n >= 1)
+            assert s["skipped"] == (s["replies"] < needs), s
             assert s["skipped"] == ("skip_reason" in s)
     elif name == "concordia":
         assert any("syn_rows" in r for r in rows)

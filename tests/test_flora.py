@@ -207,6 +207,8 @@ def test_heterogeneous_ranks_zero_padding_and_scaling(fed, monkeypatch):
     state = sim.initial_state()
     sampled = sim.sample_clients(1)
     rows = sim.run_round(state)
+    server = next(r for r in rows if r["client"] == "server")
+    assert server["num_rejected"] == 0 and server["replies"] == len(sampled)  # rank-r_i payloads validate
     alpha = fed.cfg.lora.alpha
     assert scalings == [{alpha / ranks[c]} for c in sampled]  # training sees alpha / r_i
     assert all(layer.scaling["default"] == lora_scaling(fed.cfg.lora) for layer in lora_layers(fed.model).values())

@@ -12,7 +12,6 @@ import torch
 
 from conftest import make_config
 from fedlora.config import ConfigError, DPConfig, RobustConfig
-from fedlora.fl import engine as engine_module
 from fedlora.fl import client_runtime
 from fedlora.fl.attacks import choose_byzantine
 from fedlora.fl.combine import mean_methods
@@ -136,8 +135,8 @@ def test_example_counts_outside_the_declared_size_are_rejected(fed, count):
 
 
 def test_a_client_claiming_a_huge_count_cannot_own_the_global_adapter(fed, monkeypatch):
-    """Before: 10**15 made one client's tensors the FedIT global adapter exactly. Now it is rejected,
-    the run goes on, and the global adapter is the mean of the others."""
+    """Before: 10**15 made one client's tensors the FedIT global adapter exactly. Now it is rejected
+    and the round goes on with the others."""
     original = Simulator.receive
 
     def liar(self, cid, payload, num_examples, row, timer, round_index=None):
@@ -206,9 +205,44 @@ def test_eligibility_is_derived_from_what_methods_declare():
     assert not {"flora", "fedtree", "local", "centralized", "dec_lora", "tad_lora"} & set(names)
 
 
-def test_the_engine_has_no_hand_numbered_salts():
-    source = "".join(open(m.__file__).read() for m in (engine_module, client_runtime))
-    assert "_SALT" not in source and "10**6" not in source
+def test_a_stale_update_joins_only_the_next_round(fed, monkeypatch):
+    """A late update is buffered for the next round only: when that round is skipped, it expires
+    instead of piling up beside newer ones (before: a client late around a skipped round sent two
+    updates into one round)."""
+    from fedlora.fl.faults import RoundFaults
+
+    sim = Simulator(_fed(fed, rounds=3, fl={"deadline": 1.0, "straggler_policy": "stale", "min_replies": 3}), "fedit")
+    late = {1: [0], 2: [0, 1], 3: [0]}
+
+    def servers():
+        monkeypatch.setattr(sim, "_faults", lambda sampled, r: RoundFaults([], late[r]))
+        state = sim.initial_state()
+        return [next(r for r in sim.run_round(state) if r["client"] == "server") for _ in range(3)], state
+
+    rows, state = servers()
+    # Round 1: 2 replies, skipped. Round 2: 1 reply + client 0's round-1 update = 2, skipped.
+    assert rows[0]["skipped"] and rows[1]["skipped"] and rows[0]["stale_applied"] == rows[1]["stale_applied"] == []
+    # Round 3: clients 1, 2 on time + client 0's round-2 update; its round-1 update has expired.
+    assert not rows[2]["skipped"] and rows[2]["replies"] == 3 and rows[2]["stale_applied"] == [0]
+    assert [(e["client"], e["round"]) for e in state.stale] == [(0, 3)]
+    late.update({1: [], 2: [0], 3: []})  # late once, on time next round: superseded
+    rows, state = servers()
+    assert rows[1]["skipped"] and rows[2]["stale_applied"] == [] and rows[2]["replies"] == 3 and state.stale is None
+
+
+def test_an_accountant_that_cannot_account_the_sampler_fails_before_round_1(fed):
+    dp = DPConfig(enabled=True, accountant="prv")
+    with pytest.raises(ConfigError, match="prv"):
+        Simulator(_fed(fed, fl={"client_fraction": 0.5, "sampling": "fixed"}, dp=dp), "fedit")
+
+
+def test_a_stream_collision_is_caught_on_the_seeded_state(monkeypatch):
+    """numpy pads seed sequences with zeros: key (0,) would draw what the key-less 'train' draws."""
+    from fedlora.fl import streams
+
+    monkeypatch.setitem(streams.STREAMS, "my_feature", ("client", (0,)))
+    with pytest.raises(RuntimeError, match="'train' and 'my_feature' draw the same numbers"):
+        streams._check_distinct()
 
 
 def test_unknown_sampling_is_a_config_error():

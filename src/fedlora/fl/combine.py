@@ -1,7 +1,8 @@
 """The server's combine step as a declared chain of transforms (optax-style), and its composition rules.
 
-    combine = build_combine(cfg, method, side_channels, num_sampled)   # refuses bad pairs here
-    server, notes = combine(state, updates, ctx)                       # one round
+    check_composition(cfg, method, side_channels)      # refuses bad pairs, before round 1
+    combine = Combine(method, transforms)               # ServerRuntime builds the transforms
+    server = combine(state, updates, ctx)               # one round; ctx.notes feed the server row
 
 Each transform has a `name`, a `stage` (its place in the chain) and `apply(updates, st, ctx) ->
 (updates, st)`. Its state lives in the run state's field of the same name (`RunState.stale`,

@@ -140,15 +140,16 @@ class DPMean(Transform):
 
     name, stage = "dp", 40
 
-    def __init__(self, cfg, num_clients: int, q: float, sampling: str):
+    def __init__(self, cfg, num_clients: int, q: float, sampling: str, m: float):
+        """m: the denominator, exactly the clients per round (fixed) or its expectation qN (Poisson)."""
         self.cfg = cfg
-        m = q * num_clients
         count_std, z_update = 0.0, cfg.noise_multiplier
         if cfg.adaptive:
             count_std = m / 20 if cfg.count_noise is None else cfg.count_noise
             z_update = update_noise_multiplier(cfg.noise_multiplier, count_std)
         delta = default_delta(num_clients) if cfg.delta is None else cfg.delta
         self.setup = DPSetup(cfg.noise_multiplier, z_update, count_std, m, q, delta, sampling, num_clients)
+        self.epsilon([])  # an accountant that cannot account this sampler fails here, before round 1
         if cfg.target_epsilon is not None:
             first = self.epsilon(with_step([], self.setup.z, self.setup.q))
             if first > cfg.target_epsilon:
@@ -215,7 +216,7 @@ class DPMean(Transform):
             "epsilon": self.epsilon(st["history"]), "delta": s.delta, "accountant": cfg.accountant,
             **accountant_description(cfg.accountant, s.sampling),
             "noise_multiplier": s.z, "update_noise_multiplier": s.z_update,
-            "sample_rate": s.q, "expected_clients_per_round": s.m, "clients_per_round": s.m,
+            "sample_rate": s.q, "expected_clients_per_round": s.m,
             "rounds_accounted": sum(int(h[2]) for h in st["history"]), "adaptive": cfg.adaptive,
             "final_clip": st["clip"], "target_epsilon": cfg.target_epsilon, "stopped_early": stopped_early,
         }}

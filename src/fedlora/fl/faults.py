@@ -117,11 +117,15 @@ class StaleMerge(Transform):
         return [*(pending or []), stale_entry(update, round_index, reference if self.rebase else None)]
 
     def apply(self, updates, st, ctx):
-        """Buffered updates of earlier rounds join; those of clients that replied in time are superseded."""
+        """Last round's buffered updates join (staleness 1: an older one, left by a skipped round,
+        expires); those of clients that replied in time are superseded."""
+        r = ctx.round_index
         pending = st or []
-        older = [e for e in pending if e["round"] < ctx.round_index]
-        if not older:
-            return updates, st
+        expired = [e for e in pending if e["round"] < r - 1]
+        if expired:
+            log.info("round %d: %d late update(s) from before round %d expired (a skipped round)",
+                     r, len(expired), r - 1)
+        older = [e for e in pending if e["round"] == r - 1]
         replied = {u.client_id for u in updates}
         joined = []
         for entry in older:
@@ -130,4 +134,4 @@ class StaleMerge(Transform):
             reference = ctx.reference(int(entry["client"])) if "reference" in entry else None
             joined.append(stale_update(entry, self.staleness, reference))
         ctx.notes["stale_applied"] = [u.client_id for u in joined]
-        return [*updates, *joined], [e for e in pending if e["round"] >= ctx.round_index] or None
+        return [*updates, *joined], [e for e in pending if e["round"] >= r] or None

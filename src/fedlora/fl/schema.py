@@ -23,6 +23,7 @@ import torch
 
 from fedlora.fl.methods import ClientUpdate, Method
 from fedlora.fl.payload import PayloadError, check_spec, decode, spec_of
+from fedlora.model.lora import zero_pad_rank
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -48,7 +49,8 @@ def check_count(value: object, max_examples: int) -> int:
     """The metadata's example count, an int in [1, max_examples], or PayloadError('examples')."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_examples:
         raise PayloadError(f"payload metadata 'num_examples' must be an integer in [1, {max_examples}] "
-                           f"(the sender's declared data size), received {value!r:.40}", "examples")
+                           f"(the sender's declared data size in simulation, fl.max_examples in deployment), "
+                           f"received {value!r:.40}", "examples")
     return value
 
 
@@ -87,5 +89,8 @@ def upload_schema(method: Method, initial: Mapping[str, torch.Tensor], cid: int,
                   side_channels: tuple[SideChannel, ...] = ()) -> PayloadSchema:
     """The schema of client `cid`'s upload: the method's payload for an adapter of the model's shape."""
     init = {k: v.detach().to("cpu", torch.float32) for k, v in initial.items()}
-    payload, _ = method.upload(dict(init), method.init_client(cid, dict(init)))
+    client = method.init_client(cid, dict(init))  # validates the method's per-client options first
+    rank = method.client_rank(cid)  # FLoRA's heterogeneous ranks: the client's own rank-r_i shapes
+    start = init if rank is None else zero_pad_rank(init, rank)
+    payload, _ = method.upload(dict(start), client)
     return PayloadSchema(spec_of(payload), tuple(side_channels))

@@ -4,7 +4,8 @@ combine, record the row. A transport (in process, or Flower's grid) is the only 
     server = ServerRuntime(cfg, method, initial_adapter, num_clients, seed, declared=lambda cid: size)
     sampled = server.sample(r)
     update, row = server.receive(cid, blob_or_payload, declared, row, timer, r)   # per reply
-    skip_reason, notes = server.combine_round(state, updates, ctx)                # the chain
+    skip_reason = server.combine_round(state, updates, ctx)       # the chain; state.server updated
+    row = server.server_row(state, sampled, rows, ctx, skip_reason)
 
 Client sampling (`fl.sampling`): 'fixed' draws exactly m = round(client_fraction * N) of N
 without replacement; 'poisson' lets each client join with probability q = client_fraction, so
@@ -121,8 +122,9 @@ class ServerRuntime:
                                   "so fl.min_replies cannot skip rounds; leave fl.min_replies=1 or set "
                                   "fl.sampling=fixed")
             out.append(MinReplies(cfg.fl.min_replies if self.sampling == "fixed" else 0))
-            out.append(DPMean(cfg.dp, self.num_clients, self.num_sampled / self.num_clients
-                              if self.sampling == "fixed" else self.q, self.sampling))
+            fixed = self.sampling == "fixed"
+            out.append(DPMean(cfg.dp, self.num_clients, self.num_sampled / self.num_clients if fixed else self.q,
+                              self.sampling, m=self.num_sampled if fixed else self.q * self.num_clients))
         else:
             out.append(MinReplies(1 if method.pooled else cfg.fl.min_replies))
             if robust is not None:
@@ -189,9 +191,9 @@ class ServerRuntime:
                "bytes_down": sum(r.get("bytes_down", 0) for r in rows), **rejections(rows),
                "replies": ctx.notes.pop("replies", 0), "skipped": skip_reason is not None,
                "failed": [r["client"] for r in rows if r.get("failed")]}
-        if skip_reason is not None:
-            row["skip_reason"] = skip_reason
         row.update({"stale_applied": [], **ctx.notes})
+        if skip_reason is not None:  # nothing was applied
+            row.update({"skip_reason": skip_reason, "stale_applied": []})
         if self.robust_on:
             row["byzantine_sampled"] = [c for c in sampled if c in self.byzantine]
         if self.dp is not None:

@@ -59,15 +59,23 @@ def _table() -> dict[str, tuple[str, tuple[int, ...]]]:
     table = dict(_LEGACY)
     for name, scope in _NEW.items():
         table[name] = (scope, name_key(name))
-    seen: dict[tuple[str, tuple[int, ...]], str] = {}
-    for name, entry in table.items():
-        if entry in seen:
-            raise RuntimeError(f"random streams {seen[entry]!r} and {name!r} share one key {entry}")
-        seen[entry] = name
     return table
 
 
 STREAMS = _table()
+
+
+def _check_distinct() -> None:
+    """No two streams draw the same numbers. Compared on numpy's seeded state, not on the keys:
+    numpy pads a seed sequence with zeros, so [s, r, c] and [s, r, c, 0] would be one stream."""
+    seen: dict[tuple[int, ...], str] = {}
+    for name, (scope, _) in STREAMS.items():
+        state = tuple(np.random.SeedSequence(seed_sequence(7, name, 3, 5 if scope == "client" else None))
+                      .generate_state(4).tolist())
+        if state in seen:
+            raise RuntimeError(f"random streams {seen[state]!r} and {name!r} draw the same numbers; "
+                               "give one of them another key")
+        seen[state] = name
 
 
 def seed_sequence(seed: int, name: str, round_index: int, client_id: int | None = None) -> list[int]:
@@ -82,6 +90,9 @@ def seed_sequence(seed: int, name: str, round_index: int, client_id: int | None 
     if scope == "client":
         return [seed, round_index, client_id, *key]
     return [seed, round_index, SERVER + key[0]]
+
+
+_check_distinct()
 
 
 class Streams:

@@ -69,6 +69,8 @@ def _main(grid: Grid, context: Context) -> None:
 def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.3) -> list[Message]:
     """Grid.send_and_receive with a short poll (Flower's sleeps 3 s between pulls): push, then pull
     until every reply is in or `timeout` seconds passed. Returns the replies that came."""
+    if not messages:  # e.g. a Poisson-sampled round that drew nobody
+        return []
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []

@@ -18,11 +18,11 @@ from safetensors.torch import save_file
 
 from fedlora.config import RunConfig
 from fedlora.fl.combine import RoundContext
-from fedlora.fl.engine import RunState
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.payload import encode
 from fedlora.fl.server_runtime import ServerRuntime
+from fedlora.fl.state import RunState
 from fedlora.fl.timer import Timer
 from fedlora.flower.node import check_supported
 from fedlora.flower.wire import RECORD, blob_of, pack

@@ -24,15 +24,15 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.config import RunConfig
-from fedlora.fl.client_tree import layer_index
 from fedlora.fl.client_runtime import ClientRuntime
-from fedlora.fl.engine import RunState
+from fedlora.fl.client_tree import layer_index
 from fedlora.fl.federation import prepare
 from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.payload import PayloadError, decode, encode, spec_of
-from fedlora.flower.config import config_to_text, node_selection, run_config_of
+from fedlora.fl.state import RunState
 from fedlora.fl.streams import Streams
 from fedlora.fl.timer import Timer
+from fedlora.flower.config import config_to_text, node_selection, run_config_of
 from fedlora.flower.wire import PAYLOAD, RECORD, blob_of, check_subset, unpack
 from fedlora.model.lora import (adapter_parameters, base_weights, init_adapter_state, load_adapter_state,
                                 set_base_weights)
