@@ -262,3 +262,18 @@ def test_checkpoint_off_writes_none(tmp_path):
     assert not (run_dir / "checkpoints").exists()
     with pytest.raises(CheckpointError, match="none found"):
         resume(run_dir, quiet=True)
+
+
+def test_a_checkpoint_from_before_a_new_config_key_still_resumes():
+    """A key a newer fedlora added (e.g. fl.sampling) is no difference while it has its default."""
+    from fedlora.config import RunConfig
+    from fedlora.experiment import config_differences
+
+    default = json.loads(json.dumps(RunConfig().to_dict()))
+    old = json.loads(json.dumps(default))
+    del old["fl"]["sampling"], old["fl"]["max_examples"]
+    assert config_differences(old, default, default) == []
+    changed = json.loads(json.dumps(default))
+    changed["fl"]["sampling"] = "fixed"
+    changed["fl"]["rounds"] = 99
+    assert config_differences(old, changed, default) == ["fl.rounds", "fl.sampling"]

@@ -238,6 +238,24 @@ def run(cfg: RunConfig, quiet: bool = False, fed: Federation | None = None) -> P
     return run_dir
 
 
+def config_differences(saved: dict, current: dict, default: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where a checkpoint's config and the current one differ. A key the checkpoint
+    lacks (added by a newer fedlora) counts only if the current value is not its default."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if key not in saved:
+            if key not in default or current[key] != default[key]:
+                out.append(name)
+        elif key not in current:
+            out.append(name)
+        elif isinstance(saved[key], dict) and isinstance(current[key], dict):
+            out += config_differences(saved[key], current[key], default.get(key) or {}, name + ".")
+        elif saved[key] != current[key]:
+            out.append(name)
+    return out
+
+
 def resume(run_dir: str | Path, quiet: bool = False) -> Path:
     """`fedlora resume RUN_DIR`: continue a `run` directory from its newest good checkpoint.
 
@@ -252,9 +270,11 @@ def resume(run_dir: str | Path, quiet: bool = False) -> Path:
     cfg = load_config(run_dir / "config.yaml")
     preflight(cfg)
     ckpt = load_latest(run_dir / "checkpoints")
-    if ckpt.info.get("config") != json.loads(json.dumps(cfg.to_dict())):
-        raise CheckpointError(f"{ckpt.path} was written with another config than {run_dir / 'config.yaml'}; "
-                              "restore that file or start a new run")
+    differ = config_differences(ckpt.info.get("config") or {}, json.loads(json.dumps(cfg.to_dict())),
+                                json.loads(json.dumps(RunConfig().to_dict())))
+    if differ:
+        raise CheckpointError(f"{ckpt.path} was written with another config than {run_dir / 'config.yaml'} "
+                              f"(differs in {', '.join(differ[:5])}); restore that file or start a new run")
     log.info("resuming %s after round %d of %d", run_dir, ckpt.round, cfg.fl.rounds)
     fed = prepare(cfg)
     rows = _references(fed)
