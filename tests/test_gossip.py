@@ -215,7 +215,7 @@ def test_only_neighbours_payloads_reach_a_client(fed5):
     stranger = next(j for j in range(1, 5) if not adj[0, j])
     state = sim.initial_state()
     with pytest.raises(RuntimeError, match="non-neighbours"):
-        sim._mix(state.clients[0], {stranger: state.clients[stranger]}, np.eye(5)[0], adj[0], 0, 1)
+        sim.gossip.mix_one(state.clients[0], {stranger: state.clients[stranger]}, np.eye(5)[0], adj[0], 0, 1)
 
 
 def test_tad_with_phase_b_only_equals_decentralized_ffa(fed5):

@@ -2,12 +2,14 @@
 
 Per round t (`GossipSimulator._round`):
 1. G_t and W_t from the configured `Topology` (config `topology`; seeded by (seed, t)).
-2. Every client trains its own adapter with the server simulator's client step
-   (`Simulator.local_round`: copy into the one shared frozen model, `method.train_mask_at(t)`,
+2. Every client trains its own adapter with the client runtime every engine uses
+   (`ClientRuntime.train`: copy into the one shared frozen model, `method.train_mask_at(t)`,
    the local loop, read back), seeded by (seed, t, client) as in a server round.
+Then the combine step is gossip over the topology (`GossipCombine`):
 3. Every client builds its payload `method.send(x_i, t)`; it is encoded to safetensors once per
    edge of G_t, with its round and sender in the metadata, and the receiver decodes and validates
-   it (names, shapes and dtypes of its own payload, finite values, round, sender). Bytes are
+   it (names, shapes and dtypes of its own payload, finite values, round, sender, an example
+   count within the sender's declared size). Bytes are
    counted per directed edge.
 4. Client i mixes with `method.mix(x_i, inbox_i, weights_i, t)`, where inbox_i holds the decoded
    payloads of N_t(i) and nothing else, and weights_i is its row of W_t (a rejected payload's
@@ -75,6 +77,60 @@ def consensus_distance(states: Sequence[TensorDict]) -> dict[str, float]:
     }
 
 
+class GossipCombine:
+    """Gossip as the combine step over a topology: every edge j -> i of G_t carries j's payload,
+    encoded for that edge and validated by i (names, shapes, dtypes, finite values, round, sender,
+    example count), and each client mixes with its row of W_t. No server, no global state."""
+
+    def __init__(self, method: Method, declared: Callable[[int], int]):
+        self.method, self.declared = method, declared
+
+    def __call__(self, clients: list[TensorDict], adj: np.ndarray, weights: np.ndarray, r: int, timer: Timer,
+                 late: list[int] = ()) -> tuple[list[TensorDict], list[list[int]], list[list]]:
+        """(every client's mixed state, [j, i, bytes] per edge, [j, i, reason] per rejected payload);
+        all clients mix from the same pre-mix states (synchronous gossip)."""
+        inboxes, edges, rejected = self.exchange(clients, adj, r, timer, late=late)
+        with timer("mix"):
+            mixed = [self.mix_one(clients[i], inboxes[i], weights[i], adj[i], i, r) for i in range(len(adj))]
+        return mixed, edges, rejected
+
+    def exchange(self, clients: list[TensorDict], adj: np.ndarray, r: int, timer: Timer,
+                 late: list[int] = ()) -> tuple[list[dict[int, TensorDict]], list[list[int]], list[list]]:
+        """Every edge j -> i of the round's graph carries j's payload, encoded for that edge and
+        validated by i. Returns each client's inbox {j: tensors}, [j, i, bytes] per edge, and
+        [j, i, reason] per rejected payload. A `late` client's payloads miss the round's deadline:
+        its neighbours mix without them (their weight stays on the receiver's own adapter)."""
+        payloads = [self.method.send(c, r) for c in clients]
+        inboxes: list[dict[int, TensorDict]] = [{} for _ in clients]
+        edges, rejected = [], []
+        with timer("serialize"):
+            for j, payload in enumerate(payloads):
+                if j in late:
+                    continue
+                for i in np.flatnonzero(adj[j]).tolist():
+                    blob = encode(payload, {"num_examples": self.declared(j)}, round_index=r, client_id=j)
+                    edges.append([j, i, len(blob)])
+                    try:
+                        inboxes[i][j], meta = decode(blob, expected=spec_of(payloads[i]), expected_round=r,
+                                                     expected_sender=j, require_meta=("num_examples",))
+                        check_count(meta["num_examples"], self.declared(j))
+                    except PayloadError as exc:
+                        log.warning("round %d: payload %d -> %d rejected: %s", r, j, i, exc)
+                        rejected.append([j, i, exc.reason])
+        return inboxes, edges, rejected
+
+    def mix_one(self, own: TensorDict, inbox: dict[int, TensorDict], w_row: np.ndarray, neighbours: np.ndarray,
+             cid: int, r: int) -> TensorDict:
+        """Client `cid` mixes with its row of W; it can only be handed its neighbours' payloads."""
+        strangers = [j for j in inbox if not neighbours[j]]
+        if strangers:
+            raise RuntimeError(f"round {r}: client {cid} was handed payloads of non-neighbours {strangers}")
+        weights: dict[int | str, float] = {j: float(w_row[j]) for j in inbox}
+        weights["self"] = float(w_row[cid]) + sum(float(w_row[j]) for j in np.flatnonzero(neighbours) if j not in inbox)
+        return self.method.mix(own, inbox, weights, r)
+
+
+
 class GossipSimulator(Simulator):
     """Runs one decentralized method (`Method.decentralized`) on a prepared `Federation`.
 
@@ -93,6 +149,7 @@ class GossipSimulator(Simulator):
         self.topology = Topology(self.cfg.topology, len(self.train_sets), self.seed)
         self.rho = self.topology.rho()
         self.method = self.method.for_topology(self.rho, self.cfg.fl.rounds)
+        self.gossip = GossipCombine(self.method, lambda cid: len(self.train_sets[cid]))
         log.info("topology %s on %d clients: rho = %.4f; %s options %s", self.cfg.topology.graph,
                  len(self.train_sets), self.rho, self.method.name, self.method.options)
 
@@ -115,11 +172,8 @@ class GossipSimulator(Simulator):
         adj = adj.copy()
         adj[offline, :] = 0
         adj[:, offline] = 0
-        weights = self.topology.mixing(adj)
-        inboxes, edges, rejected = self.exchange(state.clients, adj, r, timer, late=faults.late)
-        with timer("mix"):
-            state.clients = [self._mix(state.clients[i], inboxes[i], weights[i], adj[i], i, r)
-                             for i in range(len(adj))]
+        state.clients, edges, rejected = self.gossip(state.clients, adj, self.topology.mixing(adj), r, timer,
+                                                     late=faults.late)
         for row in rows:
             cid = row["client"]
             row.update({"bytes_up": sum(b for j, _, b in edges if j == cid),
@@ -151,41 +205,6 @@ class GossipSimulator(Simulator):
         _, row = self.local_round(state, cid, r, {}, timer)
         state.optimizer[cid] = {**saved, mask: state.optimizer[cid]} if not self.method.reset_optimizer else None
         return {**row, "phase": mask}
-
-    def exchange(self, clients: list[TensorDict], adj: np.ndarray, r: int, timer: Timer,
-                 late: list[int] = ()) -> tuple[list[dict[int, TensorDict]], list[list[int]], list[list]]:
-        """Every edge j -> i of the round's graph carries j's payload, encoded for that edge and
-        validated by i. Returns each client's inbox {j: tensors}, [j, i, bytes] per edge, and
-        [j, i, reason] per rejected payload. A `late` client's payloads miss the round's deadline:
-        its neighbours mix without them (their weight stays on the receiver's own adapter)."""
-        payloads = [self.method.send(c, r) for c in clients]
-        inboxes: list[dict[int, TensorDict]] = [{} for _ in clients]
-        edges, rejected = [], []
-        with timer("serialize"):
-            for j, payload in enumerate(payloads):
-                if j in late:
-                    continue
-                for i in np.flatnonzero(adj[j]).tolist():
-                    blob = encode(payload, {"num_examples": len(self.train_sets[j])}, round_index=r, client_id=j)
-                    edges.append([j, i, len(blob)])
-                    try:
-                        inboxes[i][j], meta = decode(blob, expected=spec_of(payloads[i]), expected_round=r,
-                                                     expected_sender=j, require_meta=("num_examples",))
-                        check_count(meta["num_examples"], len(self.train_sets[j]))
-                    except PayloadError as exc:
-                        log.warning("round %d: payload %d -> %d rejected: %s", r, j, i, exc)
-                        rejected.append([j, i, exc.reason])
-        return inboxes, edges, rejected
-
-    def _mix(self, own: TensorDict, inbox: dict[int, TensorDict], w_row: np.ndarray, neighbours: np.ndarray,
-             cid: int, r: int) -> TensorDict:
-        """Client `cid` mixes with its row of W; it can only be handed its neighbours' payloads."""
-        strangers = [j for j in inbox if not neighbours[j]]
-        if strangers:
-            raise RuntimeError(f"round {r}: client {cid} was handed payloads of non-neighbours {strangers}")
-        weights: dict[int | str, float] = {j: float(w_row[j]) for j in inbox}
-        weights["self"] = float(w_row[cid]) + sum(float(w_row[j]) for j in np.flatnonzero(neighbours) if j not in inbox)
-        return self.method.mix(own, inbox, weights, r)
 
     def _graph_row(self, adj: np.ndarray) -> dict:
         components = num_components(adj)
