@@ -59,7 +59,9 @@ FEATURES = {
     "fedtree": Feature(("fl.method=fedtree",), "method", ("fedtree",)),
     "flora": Feature(("fl.method=flora",), "method", ("flora",)),
     "gossip": Feature(("fl.method=dec_lora",), "method", ("decentralized", "dec_lora")),
+    "tad_lora": Feature(("fl.method=tad_lora",), "method", ("decentralized", "tad_lora")),
 }
+GOSSIP = {"gossip", "tad_lora"}
 CHAINS = {"median", "nnm_trimmed_mean", "bucketing_mean", "centered_clipping"}
 UPDATE_ATTACKS = {"sign_flip", "alie", "mimic", "optimal_ipm", "malformed"}
 NEEDS_MEAN = UPDATE_ATTACKS | CHAINS | {"momentum", "dp"}
@@ -67,11 +69,11 @@ NEEDS_MEAN = UPDATE_ATTACKS | CHAINS | {"momentum", "dp"}
 # The verdicts: pairs refused before round 1 (each for a reason its message states).
 REFUSED = {
     *{frozenset({x, m}) for x in NEEDS_MEAN for m in ("fedtree", "flora")},  # no weighted mean to replace
-    *{frozenset({x, "gossip"}) for x in NEEDS_MEAN | {"label_flip", "straggler_stale"}},  # no server
+    *{frozenset({x, g}) for x in NEEDS_MEAN | {"label_flip", "straggler_stale"} for g in GOSSIP},  # no server
     *{frozenset({"dp", c}) for c in CHAINS},            # noise is calibrated to the clipped sum
     frozenset({"dp", "straggler_stale"}),                 # a late update doubles the sensitivity
     frozenset({"dp", "concordia"}),                       # the scorers leave the client un-noised
-    *{frozenset({"concordia", m}) for m in ("fedtree", "flora", "gossip")},  # the generator's slot
+    *{frozenset({"concordia", m}) for m in ("fedtree", "flora", *GOSSIP)},  # the generator's slot
 }
 PAIRS = [p for p in itertools.combinations(FEATURES, 2) if FEATURES[p[0]].slot != FEATURES[p[1]].slot]
 
@@ -132,7 +134,7 @@ def _check(name: str, sim, result, base_before) -> None:
     elif name == "flora":
         after = base_snapshot(sim.fed.model)
         assert all(torch.equal(after[k], base_before[k]) for k in base_before)  # W0 restored bitwise
-    elif name == "gossip":
+    elif name in GOSSIP:
         assert all("consensus_adapter" in s for s in servers)
 
 

@@ -77,9 +77,11 @@ def assert_same(a: dict, b: dict):
                                           ("flora", ("fl.rounds=3", "fl.eval_every=1")),
                                           ("flora", ("fl.rounds=4", "fl.client_fraction=0.5")),
                                           ("fedit", ("dp.enabled=true", "dp.noise_multiplier=0.5")),
+                                          ("fedit", ("dp.enabled=true", "fl.client_fraction=0.5", "fl.rounds=4")),
                                           ("fedit", ("robust.aggregator=[trimmed_mean]", "robust.f=1"))])
 def test_in_process_equals_simulator(method, extra):
-    """Server-side DP-FedAvg and robust chains run the simulator's own `_aggregate` too."""
+    """The Coordinator runs the simulator's own ServerRuntime: sampling (Poisson with DP), schema
+    validation, and the combine chain (DP-FedAvg, robust chains) give bitwise the simulator's run."""
     cfg = make_config(f"fl.method={method}", *FLOWER_OVERRIDES, *extra)
     ref = _simulate(cfg, method)
     coord, _, states = _in_process(cfg)

@@ -45,8 +45,8 @@ from fedlora.fl.engine import RunState, Simulator
 from fedlora.fl.faults import guarded
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods.base import Method, TensorDict
-from fedlora.fl.payload import PayloadError, decode, encode, spec_of
-from fedlora.fl.schema import check_count
+from fedlora.fl.payload import PayloadError, encode, spec_of
+from fedlora.fl.schema import PayloadSchema
 from fedlora.fl.timer import Timer
 from fedlora.fl.topology import Topology, num_components
 from fedlora.model.lora import load_adapter_state
@@ -110,10 +110,9 @@ class GossipCombine:
                 for i in np.flatnonzero(adj[j]).tolist():
                     blob = encode(payload, {"num_examples": self.declared(j)}, round_index=r, client_id=j)
                     edges.append([j, i, len(blob)])
-                    try:
-                        inboxes[i][j], meta = decode(blob, expected=spec_of(payloads[i]), expected_round=r,
-                                                     expected_sender=j, require_meta=("num_examples",))
-                        check_count(meta["num_examples"], self.declared(j))
+                    try:  # the receiver's schema: this round's payload of the common phase schedule
+                        inboxes[i][j], _ = PayloadSchema(spec_of(payloads[i])).decode(
+                            blob, round_index=r, sender=j, max_examples=self.declared(j))
                     except PayloadError as exc:
                         log.warning("round %d: payload %d -> %d rejected: %s", r, j, i, exc)
                         rejected.append([j, i, exc.reason])
