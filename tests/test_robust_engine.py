@@ -112,9 +112,9 @@ def test_malformed_upload_is_rejected_and_round_continues(fed, caplog):
     # The server state is FedIT's mean of the honest clients alone.
     honest_sim = Simulator(_fed(fed, rounds=1), "fedit")
     hstate = honest_sim.initial_state()
-    from fedlora.fl.engine import _Timer
+    from fedlora.fl.timer import Timer
 
-    ups = [honest_sim.client_round(hstate, c, 1, _Timer())[0] for c in range(3) if c not in byz]
+    ups = [honest_sim.client_round(hstate, c, 1, Timer())[0] for c in range(3) if c not in byz]
     expected = weighted_mean(ups, keys=list(hstate.server))
     for k in expected:
         torch.testing.assert_close(state.server[k], expected[k], atol=1e-6, rtol=1e-5)
@@ -197,12 +197,12 @@ def test_momentum_first_round_sends_scaled_update(fed):
     sim = Simulator(_fed(fed, momentum=0.5), "fedit")
     state = sim.initial_state()
     start = {k: v.clone() for k, v in state.server.items()}
-    from fedlora.fl.engine import _Timer
+    from fedlora.fl.timer import Timer
 
     plain_sim = Simulator(_fed(fed), "fedit")
     pstate = plain_sim.initial_state()
-    up, _ = sim.client_round(state, 0, 1, _Timer())
-    pu, _ = plain_sim.client_round(pstate, 0, 1, _Timer())
+    up, _ = sim.client_round(state, 0, 1, Timer())
+    pu, _ = plain_sim.client_round(pstate, 0, 1, Timer())
     for k in up.tensors:  # m_1 = (1 - beta) g_1 with a zero start
         torch.testing.assert_close(up.tensors[k] - start[k], 0.5 * (pu.tensors[k] - start[k]), atol=1e-6, rtol=1e-5)
     assert isinstance(up, ClientUpdate)

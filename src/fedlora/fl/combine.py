@@ -136,6 +136,13 @@ def mean_methods() -> list[str]:
     return out
 
 
+def resolve_sampling(cfg) -> str:
+    """fl.sampling with 'auto' resolved: Poisson when DP is on (what its accountant assumes), else fixed."""
+    if cfg.fl.sampling == "auto":
+        return "poisson" if cfg.dp.enabled else "fixed"
+    return cfg.fl.sampling
+
+
 def check_composition(cfg, method: Method, side_channels: tuple[SideChannel, ...] = (),
                       rule: str | None = None) -> None:
     """Refuse, before round 1, every pair of features that cannot be combined, naming both."""
@@ -163,6 +170,9 @@ def check_composition(cfg, method: Method, side_channels: tuple[SideChannel, ...
         if rb.aggregator is not None:
             raise ConfigError("dp.enabled and robust.aggregator cannot be combined: DP noise is calibrated to the "
                               "sum of clipped updates, which a robust rule replaces (set one of them)")
+        if resolve_sampling(cfg) == "poisson" and fl.min_replies > 1:
+            raise ConfigError("dp.enabled with fl.sampling=poisson releases every round's noised mean, so "
+                              "fl.min_replies cannot skip rounds; leave fl.min_replies=1 or set fl.sampling=fixed")
         if fl.straggler_policy == "stale":
             raise ConfigError("dp.enabled and fl.straggler_policy=stale cannot be combined: a late update applied "
                               "in the next round adds a second clipped update of one client to that round, "

@@ -36,7 +36,7 @@ from fedlora.fl.methods import ClientUpdate, Method, build_method, method_option
 from fedlora.fl.payload import decode, encode
 from fedlora.fl.robust_round import flip_labels_of
 from fedlora.fl.rules import ClientRule
-from fedlora.fl.server_runtime import ServerRuntime, rejections
+from fedlora.fl.server_runtime import ServerRuntime
 from fedlora.fl.state import RunResult, RunState
 from fedlora.fl.streams import Streams
 from fedlora.fl.timer import Timer
@@ -46,7 +46,6 @@ from fedlora.train.batches import EncodedExamples
 from fedlora.train.evaluate import evaluate
 
 log = logging.getLogger("fedlora")
-_Timer = Timer  # the name earlier modules and tests import
 
 
 def _pooled(fed: Federation) -> EncodedExamples:
@@ -148,8 +147,6 @@ class Simulator:
         """Decode and validate what client `cid` sends, as the server does (`ServerRuntime.receive`)."""
         return self.server.receive(cid, payload, num_examples, row, timer, round_index)
 
-    rejections = staticmethod(rejections)
-
     def aggregate(self, state: RunState, updates: list[ClientUpdate], round_index: int) -> dict:
         """The server's combine chain on `updates` (stale, side channels, dp | robust, the method's
         aggregate): the new server state, transform states committed; SkipRound when it cannot."""
@@ -232,8 +229,7 @@ class Simulator:
                 row["late"] = True
                 late.append(cid)
                 if stale is not None:  # buffered for the next round; else dropped
-                    ref = self._context(state, r, timer, sampled, rows, attackers).reference(cid)
-                    state.stale = stale.hold(state.stale, update, r, ref)
+                    state.stale = stale.hold(state.stale, update, r, self.reference(state.server, cid))
                 update = None
             if update is not None:
                 updates.append(update)

@@ -20,9 +20,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from fedlora.config import ConfigError
 from fedlora.fl.attacks import choose_byzantine
-from fedlora.fl.combine import Combine, RoundContext, SkipRound, Transform, check_composition
+from fedlora.fl.combine import Combine, RoundContext, SkipRound, Transform, check_composition, resolve_sampling
 from fedlora.fl.dp import DPMean
 from fedlora.fl.faults import StaleMerge
 from fedlora.fl.methods import ClientUpdate, Method
@@ -69,13 +68,6 @@ class SideChannelCollect(Transform):
         return out, st
 
 
-def resolve_sampling(cfg) -> str:
-    sampling = cfg.fl.sampling
-    if sampling == "auto":
-        return "poisson" if cfg.dp.enabled else "fixed"
-    return sampling
-
-
 class ServerRuntime:
     """Server-side state that is not the run state: schemas, sampler, Byzantine ids, the combine chain."""
 
@@ -89,8 +81,9 @@ class ServerRuntime:
         self.num_clients = n = num_clients
         channels = tuple(getattr(rule, "side_channels", ()))
         # A method's own side channels travel in its payload (its schema has them) and reach its aggregate.
-        declared = channels + tuple(SideChannel(prefix, prefix) for prefix in method.side_channels)
-        check_composition(cfg, method, declared, getattr(rule, "name", None) if channels else f"method {method.name!r}")
+        own = tuple(SideChannel(prefix, prefix) for prefix in method.side_channels)
+        who = getattr(rule, "name", None) if channels else f"method {method.name!r}"
+        check_composition(cfg, method, channels + own, who)
         self.sampling = "fixed" if method.pooled else resolve_sampling(cfg)
         self.q = 1.0 if method.pooled else min(1.0, cfg.fl.client_fraction)
         self.num_sampled = 1 if method.pooled else max(1, round(cfg.fl.client_fraction * n))
@@ -117,10 +110,6 @@ class ServerRuntime:
         if self.update_attack:
             out.append(AttackInjection(cfg.robust.attack, cfg.robust.attack_args, robust))
         if cfg.dp.enabled:
-            if self.sampling == "poisson" and cfg.fl.min_replies > 1:
-                raise ConfigError("dp.enabled with Poisson client sampling releases every round's noised mean, "
-                                  "so fl.min_replies cannot skip rounds; leave fl.min_replies=1 or set "
-                                  "fl.sampling=fixed")
             out.append(MinReplies(cfg.fl.min_replies if self.sampling == "fixed" else 0))
             fixed = self.sampling == "fixed"
             out.append(DPMean(cfg.dp, self.num_clients, self.num_sampled / self.num_clients if fixed else self.q,
