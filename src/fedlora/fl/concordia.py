@@ -53,7 +53,7 @@ import torch
 from fedlora.config import ConfigError
 from fedlora.data.text import RowSerializer
 from fedlora.fl.engine import RunResult, RunState, Simulator
-from fedlora.fl.methods import Method
+from fedlora.fl.methods import Method, available_methods, method_class
 from fedlora.fl.rules import ClientRule
 from fedlora.fl.schema import SideChannel
 from fedlora.fl.timer import Timer
@@ -269,14 +269,20 @@ class ConcordiaRule(ClientRule):
         return out
 
 
-def _check_server_method(method: Method) -> None:
+def _can_carry(method: type[Method] | Method) -> bool:
     """The generator shares the task LoRA's adapter slot and the frozen base: a method that changes
     the base (FLoRA), attaches mixing layers (FedTreeLoRA) or gossips cannot federate it (yet)."""
-    hooks = [h for h in ("base_delta", "mixing_layers") if method.overrides(h)]
-    if hooks or method.decentralized or method.pooled:
+    hooks = any(method.overrides(h) for h in ("base_delta", "mixing_layers"))
+    return not (hooks or method.decentralized or method.pooled)
+
+
+def _check_server_method(method: Method) -> None:
+    if not _can_carry(method):
+        hooks = any(method.overrides(h) for h in ("base_delta", "mixing_layers"))
+        able = [n for n in available_methods() if _can_carry(method_class(n))]
         raise ConfigError(f"concordia cannot federate the task LoRA with {method.name!r} (it "
                           f"{'changes the base or the adapter layout' if hooks else 'is not a server method'}); "
-                          "use fedit, ffa, fedsa, fedprox or a server optimizer (fedadam, ...)")
+                          f"use one of {', '.join(able)}")
 
 
 def _scorer(tensors: dict | None) -> UtilityScorer | None:
