@@ -86,3 +86,93 @@ def test_no_command_is_usage_error(capsys):
         main([])
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a CLI without surprises
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    from fedlora import __version__
+
+    assert capsys.readouterr().out.strip() == f"fedlora {__version__}"
+
+
+def test_config_show_prints_resolved_yaml(capsys):
+    import yaml
+
+    assert main(["config", "show", "tiny", "--set", "fl.rounds=7", "--set", "data.max_rows=50"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["fl"]["rounds"] == 7 and shown["data"]["max_rows"] == 50 and shown["model"]["name"] == "tiny"
+    assert main(["config", "show", "tiny", "--set", "fl.bogus=1"]) == 2
+
+
+def test_load_config_takes_a_shipped_name():
+    from fedlora import load_config
+    from fedlora.config import ConfigError
+
+    assert load_config("tiny").model.name == "tiny"
+    assert load_config("tiny") == load_config(shipped_configs()["tiny"])
+    with pytest.raises(ConfigError, match=r"no config file 'tinyy'.*did you mean tiny\?"):
+        load_config("tinyy")
+
+
+def test_close_match_suggestions(capsys):
+    assert main(["run", "tiny", "--set", "fl.method=fedavg", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'fedavg'; did you mean fedit or fedavgm" in err and "available:" in err
+    assert main(["compare", "tiny", "--methods", "fedit,fedsaa", "--quiet"]) == 2
+    assert "unknown method 'fedsaa'; did you mean fedsa" in capsys.readouterr().err
+    assert main(["run", "tiny", "--set", "fl.rounnds=2", "--quiet"]) == 2
+    assert "unknown config key fl.rounnds (did you mean fl.rounds?)" in capsys.readouterr().err
+    assert main(["run", "tiny", "--set", "model.name=tinny", "--quiet"]) == 2
+    assert "unknown model name 'tinny'; did you mean tiny?" in capsys.readouterr().err
+
+
+def _patients(tmp_path):
+    rows = "".join(f"{30 + i % 40},{'yes' if i % 3 else 'no'},{i % 7},{'sick' if i % 2 else 'well'}\n"
+                   for i in range(80))
+    path = tmp_path / "patients.csv"
+    path.write_text("age,smoker,visits,outcome\n" + rows, encoding="utf-8")
+    return path
+
+
+def test_data_and_target_options(tmp_path, capsys):
+    path = _patients(tmp_path)
+    # tiny's own data.columns and target belong to breast-cancer: --data resets them
+    assert main(["run", "tiny", "--data", str(path), "--quiet", "--set", f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no target column given; pass --target NAME" in err and "age, smoker, visits, outcome" in err
+    code = main(["run", "tiny", "--data", str(path), "--target", "outcome", "--quiet",
+                 "--set", f"output_dir={tmp_path / 'o'}", *FAST])
+    assert code == 0
+    import yaml
+
+    (run_dir,) = _run_dirs(tmp_path / "o")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    assert saved["source"] == str(path) and saved["target"] == "outcome" and saved["columns"] is None
+    assert main(["run", "tiny", "--data", str(path), "--target", "outcme", "--quiet"]) == 2
+    assert "target column 'outcme' not found" in capsys.readouterr().err
+
+
+def test_data_option_keeps_explicit_set_and_same_source(tmp_path, capsys):
+    from fedlora.cli import _overrides, _parser
+
+    path = str(_patients(tmp_path))
+    args = _parser().parse_args(["compare", "tiny", "--data", path, "--set", "data.columns=[age]"])
+    sets = _overrides(args, shipped_configs()["tiny"])
+    assert sets[:2] == ["data.columns=null", "data.target=null"] and sets[-1] == "data.columns=[age]"
+    args = _parser().parse_args(["demo", "--data", "breast-cancer", "--target", "mean radius"])
+    assert _overrides(args, shipped_configs()["demo"]) == ['data.source="breast-cancer"',
+                                                          'data.target="mean radius"']
+
+
+def test_bad_data_paths_are_one_line_errors(tmp_path, capsys):
+    assert main(["run", "tiny", "--data", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and "Traceback" not in err
+    cut = tmp_path / "cut.csv"
+    cut.write_text("age,outcome\n" + "".join(f"{i},{'NO' if i % 2 else 'YES'}\n" for i in range(20)) + "22,N")
+    assert main(["run", "tiny", "--data", str(cut), "--target", "outcome", "--quiet"]) == 2
+    assert "row 21 (line 22" in capsys.readouterr().err

@@ -7,40 +7,74 @@
     fedlora robustness CONFIG [--attacks sign_flip,ipm] [--aggregators "mean;nnm+trimmed_mean"] [--f 0,1,2]
     fedlora concordia CONFIG --variants real,concordia,static,decoupled   # synthetic tables (docs/concordia.md)
     fedlora flower local CONFIG --clients 3  # on Flower: SuperLink + SuperNodes here (docs/flower.md)
-    fedlora datasets | fedlora models | fedlora methods
+    fedlora run CONFIG --data my.csv --target outcome   # your own table (all its columns)
+    fedlora config show CONFIG [--set a.b=v ...]          # the resolved config as YAML
+    fedlora datasets | fedlora models | fedlora methods | fedlora --version
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import logging
 import sys
-from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from fedlora.config.errors import ConfigError
+from fedlora.config.loading import config_path, shipped_configs  # noqa: F401  (shipped_configs: public here, as before)
+
 DEMO_METHODS = ["fedit", "local"]
-
-
-def shipped_configs() -> dict[str, Path]:
-    """Configs shipped inside the package, by name (e.g. 'demo')."""
-    folder = resources.files("fedlora") / "configs"
-    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+_ALIASES = {"fedavg": "fedit", "fedlora": "fedit"}
 
 
 def _config_path(name: str) -> Path:
-    path = Path(name)
-    if path.exists() or name.endswith((".yaml", ".yml")):
-        return path
-    shipped = shipped_configs()
-    if name in shipped:
-        return shipped[name]
-    raise SystemExit(f"error: no config file {name!r} and no shipped config of that name "
-                     f"(shipped: {', '.join(sorted(shipped))})")
+    try:
+        return config_path(name)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _overrides(args, config: Path) -> list[str]:
+    """`--data`/`--target` as overrides, before the `--set` ones (which win).
+
+    A new `--data` file also resets `data.columns` to all columns and `data.target` to none (the
+    built-in's own, or "pass --target") unless `--target` names it: the config's column list and
+    target belong to the config's own table.
+    """
+    from fedlora.config import load_config
+
+    sets = list(getattr(args, "overrides", []))
+    data, target = getattr(args, "data", None), getattr(args, "target", None)
+    out = []
+    if data is not None and load_config(config, sets).data.source != data:
+        out += ["data.columns=null", "data.target=null"]
+    if data is not None:
+        out.append(f"data.source={json.dumps(data)}")
+    if target is not None:
+        out.append(f"data.target={json.dumps(target)}")
+    return out + sets
+
+
+def _check_methods(names: list[str]) -> None:
+    """Unknown method names, with close matches, before anything is loaded."""
+    from fedlora.fl.methods import available_methods
+
+    known = available_methods()
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+            if name.lower() in _ALIASES:  # FedIT is FedAvg of the LoRA matrices
+                close = [_ALIASES[name.lower()]] + [c for c in close if c != _ALIASES[name.lower()]]
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(f"unknown method {name!r}{hint} (available: {', '.join(known)}; see `fedlora methods`)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated LoRA fine-tuning of LLMs.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-round lines")
+    parser.add_argument("--version", action="version", version=f"fedlora {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_overrides(p):
@@ -49,13 +83,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
         return p
 
-    p = with_overrides(sub.add_parser("run", help="run one method from a YAML config"))
+    def with_data(p):
+        p.add_argument("--data", default=None, metavar="PATH",
+                       help="data.source: a .csv/.parquet/.jsonl file or a built-in name; resets data.columns")
+        p.add_argument("--target", default=None, metavar="NAME", help="data.target: the column to predict")
+        return with_overrides(p)
+
+    p = with_data(sub.add_parser("run", help="run one method from a YAML config"))
     p.add_argument("config", help="YAML file, or the name of a shipped config (e.g. demo)")
-    p = with_overrides(sub.add_parser("compare", help="run several methods on identical partitions"))
+    p = with_data(sub.add_parser("compare", help="run several methods on identical partitions"))
     p.add_argument("config")
     p.add_argument("--methods", default="fedit,local", help="comma-separated method names")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
-    p = with_overrides(sub.add_parser("robustness", help="Byzantine sweep: attacks x aggregators x f x momentum"))
+    p = with_data(sub.add_parser("robustness", help="Byzantine sweep: attacks x aggregators x f x momentum"))
     p.add_argument("config", help="YAML file, or a shipped config (e.g. robustness_tiny)")
     p.add_argument("--attacks", default="sign_flip,ipm,alie,gaussian", help="comma-separated attack names")
     p.add_argument("--attack-args", dest="attack_args", action="append", default=[], metavar="ATTACK.KEY=VALUE",
@@ -65,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--f", default="0,1,2,3", help="comma-separated numbers of Byzantine clients")
     p.add_argument("--momentum", default="none,0.9", help="comma-separated worker-momentum betas ('none': off)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
-    p = with_overrides(sub.add_parser("concordia", help="Concordia and its baselines on identical partitions"))
+    p = with_data(sub.add_parser("concordia", help="Concordia and its baselines on identical partitions"))
     p.add_argument("config", help="YAML file, or a shipped config (e.g. concordia_smollm2)")
     p.add_argument("--variants", default="real,concordia,static,decoupled,uniform,local",
                    help="comma-separated: real (Concordia off) and concordia.variant values")
@@ -73,16 +113,28 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a killed `run` from its newest good checkpoint")
     p.add_argument("run_dir", help="the run directory (holding config.yaml and checkpoints/)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
-    p = with_overrides(sub.add_parser("demo", help="the main job on embedded defaults (SmolLM2-135M, offline)"))
+    p = with_data(sub.add_parser("demo", help="the main job on embedded defaults (SmolLM2-135M, offline)"))
     p.add_argument("--methods", default=",".join(DEMO_METHODS))
     p = with_overrides(sub.add_parser("flower", help="run on Flower (SuperLink + SuperNodes): see docs/flower.md"))
     from fedlora.flower.cli import add_arguments as add_flower_arguments
 
     add_flower_arguments(p)
+    p = with_overrides(sub.add_parser("config", help="print a resolved config: fedlora config show CONFIG [--set ...]"))
+    p.add_argument("action", choices=["show"])
+    p.add_argument("config", help="YAML file, or the name of a shipped config (e.g. tiny)")
     sub.add_parser("datasets", help="list built-in datasets")
     sub.add_parser("models", help="list the models fedlora can load offline")
     sub.add_parser("methods", help="list registered federated methods")
     return parser
+
+
+def _version() -> str:
+    try:
+        return version("fedlora")
+    except PackageNotFoundError:  # a source tree that was never installed
+        from fedlora import __version__
+
+        return __version__
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -156,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(_config_path(args.config), args.overrides)
             preflight(cfg)  # before any process or file is started
             print(f"results: {flower_command(args, cfg)}")
+        elif args.command == "config":
+            import yaml
+
+            cfg = load_config(_config_path(args.config), args.overrides)
+            preflight(cfg)
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         elif args.command == "resume":
             from fedlora.experiment import resume
 
@@ -164,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             from fedlora.experiment import compare, run
 
             config = _config_path("demo" if args.command == "demo" else args.config)
-            cfg = load_config(config, args.overrides)
+            cfg = load_config(config, _overrides(args, config))
+            if args.command in ("run", "compare", "demo"):
+                _check_methods([cfg.fl.method] if args.command == "run" else _split(args.methods))
             preflight(cfg)
             if args.command == "run":
                 out = run(cfg, quiet=args.quiet)

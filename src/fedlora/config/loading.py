@@ -9,10 +9,12 @@ keys and wrong types fail with a message naming the key and the valid ones) and 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +94,10 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be ints, None, ...
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), sorted(names), n=3)
+        hint = f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+            f"unknown config key {prefix}{unknown[0]!s}{hint}; valid keys under "
             f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
         )
     kwargs = {}
@@ -150,11 +154,34 @@ def _check_extent(data: Any) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
+def shipped_configs() -> dict[str, Path]:
+    """Configs shipped inside the package (`fedlora/configs/*.yaml`), by name (e.g. 'demo')."""
+    folder = resources.files("fedlora") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".yaml")}
+
+
+def config_path(name: str | Path) -> Path:
+    """An existing file, or a YAML path as given, or the shipped config called `name` (e.g. 'tiny')."""
+    path = Path(name)
+    if path.exists() or str(name).endswith((".yaml", ".yml")) or len(path.parts) > 1:
+        return path
+    shipped = shipped_configs()
+    if str(name) in shipped:
+        return shipped[str(name)]
+    close = difflib.get_close_matches(str(name), sorted(shipped), n=3)
+    raise ConfigError(f"no config file {str(name)!r} and no shipped config of that name"
+                      + (f"; did you mean {' or '.join(close)}?" if close else "")
+                      + f" (shipped: {', '.join(sorted(shipped))})")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides.
+
+    `path` may also be the name of a shipped config (`load_config("tiny")`), as on the command line.
+    """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = config_path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -43,6 +43,7 @@ from fedlora.data.schema import (  # noqa: F401  (re-exported: the public names 
     _subsample,
     infer_kind,
 )
+from fedlora.data.sniff import check_file, check_last_row, delimiter_name, sniff_binary, sniff_delimiter
 
 _EXTENSIONS = (".csv", ".parquet", ".jsonl")
 
@@ -102,6 +103,7 @@ def list_builtins() -> list[dict]:
 def _read_text(path: Path) -> str:
     """Decode strictly as UTF-8 so a Latin-1 file fails here, not as garbled categories later."""
     raw = path.read_bytes()
+    sniff_binary(path, raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -114,10 +116,14 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path) -> tuple[pd.DataFrame, str]:
+    """The frame and the decoded text (for the truncation check); ';', tab and '|' are sniffed."""
     text = _read_text(path)
+    sep = sniff_delimiter(text)
+    # the European convention: ';' separates fields because ',' is the decimal mark
+    extra = {"sep": sep, "decimal": ","} if sep == ";" else {"sep": sep}
     try:
-        header = next(csv.reader(io.StringIO(text)), [])
+        header = next(csv.reader(io.StringIO(text), delimiter=sep), [])
     except csv.Error as exc:  # e.g. an unclosed quote in the header swallowing the whole file
         raise DataError(f"{path}: the header row is not well-formed CSV ({exc}); check quoting") from None
     _check_duplicates([h.strip() for h in header], path)
@@ -126,14 +132,19 @@ def _read_csv(path: Path) -> pd.DataFrame:
             # index_col=False: a row with one field too many must not silently become the index
             # (shifting every column left); pandas then warns instead, and we refuse.
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            frame = pd.read_csv(io.StringIO(text), skipinitialspace=True, index_col=False)
+            frame = pd.read_csv(io.StringIO(text), skipinitialspace=True, index_col=False, **extra)
     except pd.errors.ParserWarning:
         raise DataError(f"{path}: some rows have more fields than the header row ({len(header)}); check for "
                         "unquoted delimiters (e.g. a decimal comma) or a missing header name") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: not a well-formed CSV ({str(exc).strip()}); check quoting and delimiters") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
+    if len(frame.columns) == 1 and len(frame):
+        raise DataError(f"{path}: only one column ({frame.columns[0][:60]!r}) with the "
+                        f"{delimiter_name(sep)} delimiter; a table needs a target and at least one feature. "
+                        "fedlora detects comma, semicolon, tab and pipe delimiters - save the file as "
+                        "comma-separated CSV")
+    return frame, text
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -200,6 +211,7 @@ def load_table(cfg: DataConfig, seed: int = 0) -> Table:
     if not path.exists():
         raise DataError(f"data file {cfg.source!r} not found; give an existing .csv, .parquet or "
                         f".jsonl path or a built-in name ({', '.join(_BUILTINS)})")
+    check_file(path)
     suffix = path.suffix.lower()
     if suffix not in _EXTENSIONS:
         raise DataError(f"{path}: unsupported file extension {suffix or '(none)'!r}; use "
@@ -209,11 +221,12 @@ def load_table(cfg: DataConfig, seed: int = 0) -> Table:
         frame, columns, classes = _clean(_read_jsonl(path, target), cfg, str(path), target,
                                          seed, True)
         return Table(path.stem, frame, target, columns, classes, "text", source=str(path))
-    raw = _read_csv(path) if suffix == ".csv" else _read_parquet(path)
+    raw, text = _read_csv(path) if suffix == ".csv" else (_read_parquet(path), "")
     if raw.empty:
         raise DataError(f"{path}: no rows (only a header); add data rows")
     if not cfg.target:
-        raise DataError(f"{path}: no target column given; pass --target NAME (data.target) with "
+        raise DataError(f"{path}: no target column given; pass --target NAME (or --set data.target=NAME) with "
                         f"one of: {', '.join(map(str, raw.columns))}")
+    check_last_row(raw, cfg.target, path, text)
     frame, columns, classes = _clean(raw, cfg, str(path), cfg.target, seed, False)
     return Table(path.stem, frame, cfg.target, columns, classes, "tabular", source=str(path))

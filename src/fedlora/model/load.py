@@ -26,6 +26,7 @@ public names are re-exported here.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import time
@@ -178,6 +179,10 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     elif name.startswith(("/", "./", "../", "~", "\\")) or name.count("/") > 1:
         raise ModelError(f"model directory {name} does not exist; check model.name")
     else:
+        close = difflib.get_close_matches(name.lower(), [EMBEDDED, "tiny", "tiny-lm"], n=2, cutoff=0.7)
+        if close and "/" not in name:  # a typo of a built-in name, not a Hugging Face id: no network wait
+            raise ModelError(f"unknown model name {name!r}; did you mean {' or '.join(close)}? (a Hugging Face "
+                             "id is written with its organisation, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
         model, tok = _from_pretrained(name, dtype)
     model, tok = _finish(model, tok, device, dtype)
     log.info("loaded %s on %s/%s in %.1f s", name, device, dtype, time.perf_counter() - start)
