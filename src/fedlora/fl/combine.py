@@ -74,7 +74,12 @@ class RoundContext:
 
     def reference(self, cid: int) -> dict[str, torch.Tensor]:
         """What client `cid` downloaded (float32): the point updates are measured from."""
-        return {k: v.detach().to("cpu", torch.float32) for k, v in self.method.download(self.server, cid).items()}
+        return download_reference(self.method, self.server, cid)
+
+
+def download_reference(method: Method, server: dict, cid: int) -> dict[str, torch.Tensor]:
+    """What client `cid` downloads from `server`, in float32 on the CPU."""
+    return {k: v.detach().to("cpu", torch.float32) for k, v in method.download(server, cid).items()}
 
 
 class Transform:
@@ -95,6 +100,16 @@ def flat_deltas(method: Method, updates: list[ClientUpdate], ctx: RoundContext, 
         raise ValueError(f"method {method.name!r}: uploads do not carry the downloaded tensors; "
                          f"{who} cannot aggregate them")
     return ref, keys, [{k: u.tensors[k].to(torch.float32) - ref[k] for k in keys} for u in updates]
+
+
+def unflatten_like(vector: torch.Tensor, ref: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """The flat `vector` cut back into tensors shaped like `ref[k]`, in the order of `keys`."""
+    out, start = {}, 0
+    for k in keys:
+        size = ref[k].numel()
+        out[k] = vector[start:start + size].reshape(ref[k].shape)
+        start += size
+    return out
 
 
 class Combine:

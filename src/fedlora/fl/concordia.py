@@ -269,16 +269,19 @@ class ConcordiaRule(ClientRule):
         return out
 
 
+def _moves_base_or_layout(method: type[Method] | Method) -> bool:
+    return any(method.overrides(h) for h in ("base_delta", "mixing_layers"))
+
+
 def _can_carry(method: type[Method] | Method) -> bool:
     """The generator shares the task LoRA's adapter slot and the frozen base: a method that changes
     the base (FLoRA), attaches mixing layers (FedTreeLoRA) or gossips cannot federate it (yet)."""
-    hooks = any(method.overrides(h) for h in ("base_delta", "mixing_layers"))
-    return not (hooks or method.decentralized or method.pooled)
+    return not (_moves_base_or_layout(method) or method.decentralized or method.pooled)
 
 
 def _check_server_method(method: Method) -> None:
     if not _can_carry(method):
-        hooks = any(method.overrides(h) for h in ("base_delta", "mixing_layers"))
+        hooks = _moves_base_or_layout(method)
         able = [n for n in available_methods() if _can_carry(method_class(n))]
         raise ConfigError(f"concordia cannot federate the task LoRA with {method.name!r} (it "
                           f"{'changes the base or the adapter layout' if hooks else 'is not a server method'}); "

@@ -64,7 +64,7 @@ import torch
 
 from fedlora.config import ConfigError
 from fedlora.fl.accounting import accountant_description, default_delta, epsilon, with_step
-from fedlora.fl.combine import RoundContext, Transform, flat_deltas
+from fedlora.fl.combine import RoundContext, Transform, flat_deltas, unflatten_like
 from fedlora.fl.methods import ClientUpdate
 
 log = logging.getLogger("fedlora")
@@ -184,11 +184,7 @@ class DPMean(Transform):
             st["clip"] = next_clip(clip, fraction, cfg.target_quantile, cfg.clip_lr)
             ctx.notes["dp_unclipped_fraction"] = fraction  # the noised estimate, safe to publish
         st["history"] = with_step(st["history"], dp.z, dp.q)
-        out, start = {}, 0
-        for k in keys:
-            size = ref[k].numel()
-            out[k] = (ref[k].to(torch.float64) + mean[start:start + size].reshape(ref[k].shape)).to(torch.float32)
-            start += size
+        out = {k: (ref[k].to(torch.float64) + v).to(torch.float32) for k, v in unflatten_like(mean, ref, keys).items()}
         return [ClientUpdate(-1, out, max(1, sum(u.num_examples for u in updates)))], st
 
     # --- what the run reports ------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from fedlora.fl.checkpoint import save_checkpoint, state_fields
 from fedlora.fl.client_runtime import ClientRuntime
-from fedlora.fl.combine import RoundContext
+from fedlora.fl.combine import RoundContext, download_reference
 from fedlora.fl.faults import RoundFaults, draw_faults, guarded
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import ClientUpdate, Method, build_method, method_options
@@ -155,7 +155,7 @@ class Simulator:
 
     def reference(self, server: dict, cid: int) -> dict[str, torch.Tensor]:
         """What client `cid` downloads from `server`, in float32 (updates are measured from it)."""
-        return {k: v.detach().to("cpu", torch.float32) for k, v in self.method.download(server, cid).items()}
+        return download_reference(self.method, server, cid)
 
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate(self, state: RunState, timer: Timer) -> list[dict]:

@@ -32,7 +32,7 @@ import torch
 from fedlora.fl.aggregate import Chain, aggregate_tensors, build_chain
 from fedlora.fl.attacks import attack as run_attack
 from fedlora.fl.attacks import flip_labels, malformed
-from fedlora.fl.combine import RoundContext, SkipRound, Transform, flat_deltas
+from fedlora.fl.combine import RoundContext, SkipRound, Transform, flat_deltas, unflatten_like
 from fedlora.fl.methods import ClientUpdate
 from fedlora.fl.payload import encode
 from fedlora.train.batches import EncodedExamples
@@ -44,15 +44,6 @@ def flip_labels_of(data: EncodedExamples) -> EncodedExamples:
     """A copy of `data` with its labels reversed (c -> C-1-c)."""
     labels = flip_labels(np.asarray(data.labels), len(data.verbalizer_ids))
     return EncodedExamples(list(data.prompt_ids), labels, data.verbalizer_ids)
-
-
-def unflatten_like(vector: torch.Tensor, ref: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
-    out, start = {}, 0
-    for k in keys:
-        size = ref[k].numel()
-        out[k] = vector[start:start + size].reshape(ref[k].shape)
-        start += size
-    return out
 
 
 class RobustMean(Transform):

@@ -58,15 +58,13 @@ def check_count(value: object, max_examples: int) -> int:
 class PayloadSchema:
     tensors: Spec
     side_channels: tuple[SideChannel, ...] = ()
-    optional_channels: bool = True
     """A payload may omit a side channel (e.g. before its first scorer exists, or an attacker's)."""
 
     def expected(self, tensors: Mapping[str, torch.Tensor]) -> Spec:
         """The spec this payload must match: the method's tensors plus every channel it carries."""
         out = dict(self.tensors)
         for channel in self.side_channels:
-            present = any(k.startswith(channel.prefix) for k in tensors)
-            if present or not self.optional_channels:
+            if any(k.startswith(channel.prefix) for k in tensors):
                 out.update({channel.prefix + k: v for k, v in channel.spec.items()})
         return out
 

@@ -110,10 +110,11 @@ class ServerRuntime:
         if self.update_attack:
             out.append(AttackInjection(cfg.robust.attack, cfg.robust.attack_args, robust))
         if cfg.dp.enabled:
-            out.append(MinReplies(cfg.fl.min_replies if self.sampling == "fixed" else 0))
-            fixed = self.sampling == "fixed"
-            out.append(DPMean(cfg.dp, self.num_clients, self.num_sampled / self.num_clients if fixed else self.q,
-                              self.sampling, m=self.num_sampled if fixed else self.q * self.num_clients))
+            fixed = self.sampling == "fixed"  # Poisson: a round's noised mean is released whoever arrived
+            out.append(MinReplies(cfg.fl.min_replies if fixed else 0))
+            q = self.num_sampled / self.num_clients if fixed else self.q
+            m = self.num_sampled if fixed else q * self.num_clients  # the fixed denominator: m, or qN
+            out.append(DPMean(cfg.dp, self.num_clients, q, self.sampling, m=m))
         else:
             out.append(MinReplies(1 if method.pooled else cfg.fl.min_replies))
             if robust is not None:
