@@ -100,3 +100,10 @@ def fed(tiny_cfg):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_probe(monkeypatch):
+    """Tests never reach the network: the Hub connectivity probe (model/hub.py) answers 'offline'.
+    A test of the reachable case patches it back to None."""
+    monkeypatch.setattr("fedlora.model.hub._probe", lambda: "huggingface.co:443 cannot be reached (tests)")

@@ -217,9 +217,13 @@ def test_missing_gguf_and_directory(tmp_path):
 
 
 def test_unreachable_hub_id_mentions_offline_default(monkeypatch):
+    """The Hub answered the probe (model/hub.py) but transformers still fails: its error, and the fix."""
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("fedlora.model.hub._probe", lambda: None)
     monkeypatch.setattr(load_mod.AutoTokenizer, "from_pretrained", offline)
     with pytest.raises(ModelError, match="someorg/some-model") as info:
         load_model(ModelConfig(name="someorg/some-model", device="cpu"))

@@ -7,12 +7,12 @@ from fedlora.fl.engine import Simulator
 from fedlora.fl.federation import Federation, prepare
 from fedlora.fl.methods import Method, available_methods, build_method, register
 from fedlora.fl.payload import PayloadError
-from fedlora.model import ModelError, load_model
+from fedlora.model import ModelError, export_merged, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataError", "Federation", "Method", "ModelError", "PayloadError", "RunConfig",
-    "Simulator", "available_methods", "build_method", "compare", "load_config", "load_model",
+    "Simulator", "available_methods", "build_method", "compare", "export_merged", "load_config", "load_model",
     "load_table", "make_partition", "prepare", "register", "resume", "run",
 ]

@@ -3,6 +3,8 @@
     fedlora demo                         # embedded SmolLM2-135M, FedIT vs local-only vs zero-shot vs baseline
     fedlora run CONFIG [--set a.b=v ...] # one method
     fedlora resume RUN_DIR               # continue a killed run from its newest good checkpoint
+    fedlora report RUN_DIR               # rebuild RUN_DIR/report.html
+    fedlora export RUN_DIR --merged OUT [--adapter client_0]   # base + adapter as one model folder
     fedlora compare CONFIG --methods fedit,local --seeds 2
     fedlora robustness CONFIG [--attacks sign_flip,ipm] [--aggregators "mean;nnm+trimmed_mean"] [--f 0,1,2]
     fedlora concordia CONFIG --variants real,concordia,static,decoupled   # synthetic tables (docs/concordia.md)
@@ -54,6 +56,9 @@ def _overrides(args, config: Path) -> list[str]:
         out.append(f"data.source={json.dumps(data)}")
     if target is not None:
         out.append(f"data.target={json.dumps(target)}")
+    log_to = getattr(args, "log_to", None)
+    if log_to is not None:  # --log-to tensorboard,mlflow: report.log_to (report/trackers.py)
+        out.append(f"report.log_to={json.dumps(_split(log_to))}")
     return out + sets
 
 
@@ -87,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default=None, metavar="PATH",
                        help="data.source: a .csv/.parquet/.jsonl file or a built-in name; resets data.columns")
         p.add_argument("--target", default=None, metavar="NAME", help="data.target: the column to predict")
+        p.add_argument("--log-to", dest="log_to", default=None, metavar="TRACKERS",
+                       help="report.log_to: experiment trackers fed every round, comma-separated: tensorboard, "
+                            'mlflow (pip install "fedlora[trackers]")')
         return with_overrides(p)
 
     p = with_data(sub.add_parser("run", help="run one method from a YAML config"))
@@ -110,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="real,concordia,static,decoupled,uniform,local",
                    help="comma-separated: real (Concordia off) and concordia.variant values")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    p = sub.add_parser("export", help="write base + adapter as one model folder that transformers loads")
+    p.add_argument("run_dir", help="the run directory (holding adapters/)")
+    p.add_argument("--merged", required=True, metavar="OUT", help="the new model folder to write")
+    p.add_argument("--adapter", default="global", help="global (default) or client_<i> for a personal adapter")
+    p = sub.add_parser("report", help="rebuild RUN_DIR/report.html from the files a run wrote")
+    p.add_argument("run_dir", help="a run directory (run, compare, robustness, concordia or flower local)")
     p = sub.add_parser("resume", help="continue a killed `run` from its newest good checkpoint")
     p.add_argument("run_dir", help="the run directory (holding config.yaml and checkpoints/)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
@@ -144,15 +158,10 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _print_rows(rows: list[dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """Columns by key and names never cut (report/listing.py)."""
+    from fedlora.report.listing import print_rows
 
-    table = Table(title=title)
-    for key in rows[0]:
-        table.add_column(key)
-    for row in rows:
-        table.add_row(*[str(v) for v in row.values()])
-    Console().print(table)
+    print_rows(rows, title)
 
 
 def _split(text: str, sep: str = ",") -> list[str]:
@@ -212,8 +221,16 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             cfg = load_config(_config_path(args.config), args.overrides)
-            preflight(cfg)
+            preflight(cfg, model=False)  # printing a config needs no model, so none is looked up
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        elif args.command == "export":
+            from fedlora.model.export import export_merged
+
+            print(f"merged model: {export_merged(args.run_dir, args.merged, args.adapter)}")
+        elif args.command == "report":
+            from fedlora.report.html import write_report
+
+            print(f"report: {write_report(args.run_dir)}")
         elif args.command == "resume":
             from fedlora.experiment import resume
 

@@ -22,6 +22,7 @@ import numpy as np
 from fedlora.config import ConfigError, RunConfig
 from fedlora.experiment import run_per_seed
 from fedlora.fl.federation import Federation
+from fedlora.report.html import write_report
 from fedlora.report.summary import write_comparison
 
 REAL = "real"
@@ -46,6 +47,7 @@ def compare_variants(cfg: RunConfig, variants: list[str], seeds: list[int] | Non
     run_dir, per_seed = run_per_seed(cfg, "concordia", jobs, seeds, quiet, fed)
     write_comparison(per_seed, run_dir, quiet=quiet)
     (run_dir / "concordia.md").write_text(variant_table(per_seed), encoding="utf-8")
+    write_report(run_dir)
     return run_dir
 
 

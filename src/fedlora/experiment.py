@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from safetensors.torch import save_file
 
 from fedlora.config import RunConfig, load_config
 from fedlora.fl.checkpoint import Checkpoint, CheckpointError, load_latest, restore_state
@@ -26,9 +25,14 @@ from fedlora.fl.federation import Federation, prepare
 from fedlora.fl.gossip import GossipSimulator
 from fedlora.fl.methods import build_method, method_class, method_options
 from fedlora.fl.preflight import preflight
-from fedlora.model.lora import init_adapter_state, load_adapter_state, save_peft_adapter
+from fedlora.jsonio import jsonl_lines
+from fedlora.jsonio import write_json as _write_json
+from fedlora.model.export import save_adapters
+from fedlora.model.lora import init_adapter_state, load_adapter_state
 from fedlora.report.progress import RoundProgress
+from fedlora.report.html import write_report
 from fedlora.report.summary import summarize, write_comparison
+from fedlora.report.trackers import open_trackers
 from fedlora.train.baseline import classical_baseline
 from fedlora.train.evaluate import evaluate
 
@@ -60,23 +64,6 @@ def reseed(cfg: RunConfig, seed: int, fed: Federation | None) -> Federation:
     if fed.cfg == cfg:
         return fed
     return prepare(cfg, model=fed.model, tokenizer=fed.tokenizer, table=fed.table)
-
-
-def _write_json(path: Path, data) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a JSON file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _partition_info(fed: Federation) -> list[dict]:
@@ -111,12 +98,14 @@ def baseline(fed: Federation) -> list[dict]:
 
 def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
                seed: int | None = None, zero_shot_rows: list[dict] | None = None,
-               resume_from: Checkpoint | None = None) -> RunResult:
+               resume_from: Checkpoint | None = None, top_dir: Path | None = None) -> RunResult:
     """Run one method on a prepared federation, streaming metrics to `run_dir/metrics.jsonl`.
 
     `zero_shot_rows`, when given, are drawn as round 0 in the plots (the untrained model).
     With fl.checkpoint, a checkpoint goes to `run_dir/checkpoints/` after every round; with
     `resume_from`, the run continues from that checkpoint and metrics.jsonl is cut back to its rows.
+    The trackers of report.log_to get every round's rows too (report/trackers.py); `top_dir`, the
+    compare directory above `run_dir`, names their MLflow experiment and holds its default store.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
@@ -126,16 +115,15 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
             raise CheckpointError(f"{resume_from.path} was written by {resume_from.info.get('method')} with seed "
                                   f"{resume_from.info.get('seed')}, not {who['method']} with seed {who['seed']}")
         tmp = metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row, default=_jsonable) + "\n" for row in resume_from.rows),
-                       encoding="utf-8")
+        tmp.write_text(jsonl_lines(resume_from.rows), encoding="utf-8")
         tmp.replace(metrics_path)
-    progress = RoundProgress(method, fed.cfg.fl.rounds, quiet=quiet)
 
     def on_round(round_index: int, rows: list[dict]) -> None:
         with metrics_path.open("a", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, default=_jsonable) + "\n")
+            fh.write(jsonl_lines(rows))  # strict JSON: NaN is null (fedlora/jsonio.py)
         progress.update(round_index, rows)
+        if trackers is not None:
+            trackers.log_round(round_index, rows)
 
     started = time.perf_counter()
     method_obj = build_method(method, method_options(fed.cfg, method))
@@ -154,49 +142,31 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
             "byzantine": sim.byzantine, "attack": rb.attack, "attack_args": rb.attack_args,
             "label_flip": rb.label_flip, "aggregator": rb.aggregator, "f": rb.f, "momentum": rb.momentum,
         })
-    if resume_from is None:
-        result = sim.run()
-    else:
-        result = sim.run(restore_state(RunState, resume_from.fields), resume_from.rows)
-    progress.close()
-    _save_adapters(fed, method_obj, result.state, run_dir / "adapters")
+    progress = RoundProgress(method, fed.cfg.fl.rounds, quiet=quiet)  # on_round updates it
+    trackers = open_trackers(fed.cfg, run_dir, run_dir.name if top_dir else f"{method}-seed{sim.seed}", top_dir)
+    status = "FAILED"
+    try:  # an error or Ctrl-C removes the bar too, and gives the terminal its cursor back
+        if resume_from is None:
+            result = sim.run()
+        else:
+            result = sim.run(restore_state(RunState, resume_from.fields), resume_from.rows)
+        status = "FINISHED"
+    finally:
+        progress.close()
+        if trackers is not None:
+            trackers.close(status)
     method_obj.save_extras(result.state.server, run_dir)
     sim.save_extras(result, run_dir)
     summary = summarize(result.rows, method, method_class(method).personalized)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     summary.update(sim.dp_summary(result.state))  # epsilon spent, when dp is on
     _write_json(run_dir / "summary.json", summary)
+    # PEFT folders with fedlora.json and a model card citing the summary (model/export.py)
+    save_adapters(fed, method_obj, result.state, run_dir / "adapters", summary)
     from fedlora.report.plots import plot_rounds
 
     plot_rounds((zero_shot_rows or []) + result.rows, run_dir / "plots", title=method)
     return result
-
-
-def _save_adapters(fed: Federation, method, state, folder: Path) -> None:
-    """Final adapters in PEFT format: the global one, or each client's personal one.
-
-    Tensors PEFT cannot express (a mixing layer's external branch and lambda) go beside the PEFT
-    files in `fedlora_state.safetensors`; a merged base update (FLoRA) goes to
-    `global/base_delta.safetensors` as the (alpha / r)-scaled addition to each layer's weight.
-    """
-    delta = method.base_delta(state.server)
-    if delta is not None:
-        folder.joinpath("global").mkdir(parents=True, exist_ok=True)
-        scale = fed.cfg.lora.alpha / fed.cfg.lora.r
-        save_file({f"{k}.weight": (scale * v).contiguous() for k, v in delta.items()},
-                  str(folder / "global" / "base_delta.safetensors"),
-                  metadata={"base_model": fed.cfg.model.name, "meaning": "add to each layer's base weight"})
-        return
-    global_adapter = method.global_adapter(state.server)
-    if global_adapter is not None and not method.personalized:
-        save_peft_adapter(fed.model, global_adapter, folder / "global")
-        return
-    for cid, client_state in enumerate(state.clients):
-        adapter = method.personal_adapter(state.server, client_state)
-        factors = {k: v for k, v in adapter.items() if k.endswith(("lora_A", "lora_B"))}
-        path = save_peft_adapter(fed.model, factors, folder / f"client_{cid}")
-        if len(factors) < len(adapter):
-            save_file({k: v.contiguous() for k, v in adapter.items()}, str(path / "fedlora_state.safetensors"))
 
 
 def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> tuple[Path, Federation]:
@@ -234,8 +204,8 @@ def run(cfg: RunConfig, quiet: bool = False, fed: Federation | None = None) -> P
     rows[cfg.fl.method] = run_method(fed, cfg.fl.method, run_dir, quiet=quiet,
                                      zero_shot_rows=rows.get("zero-shot")).rows
     write_comparison([rows], run_dir, quiet=quiet)
-    log.info("run directory: %s", run_dir)
-    return run_dir
+    write_report(run_dir)
+    return run_dir  # the CLI prints it once, as `results: DIR`
 
 
 def config_differences(saved: dict, current: dict, default: dict, prefix: str = "") -> list[str]:
@@ -281,6 +251,7 @@ def resume(run_dir: str | Path, quiet: bool = False) -> Path:
     rows[cfg.fl.method] = run_method(fed, cfg.fl.method, run_dir, quiet=quiet, zero_shot_rows=rows.get("zero-shot"),
                                      resume_from=ckpt).rows
     write_comparison([rows], run_dir, quiet=quiet)
+    write_report(run_dir)
     return run_dir
 
 
@@ -296,6 +267,7 @@ def compare(cfg: RunConfig, methods: list[str], seeds: list[int] | None = None, 
         method_class(m)
     run_dir, per_seed = run_per_seed(cfg, "compare", [(m, m, None) for m in methods], seeds, quiet, fed)
     write_comparison(per_seed, run_dir, quiet=quiet)
+    write_report(run_dir)
     return run_dir
 
 
@@ -316,6 +288,6 @@ def run_per_seed(cfg: RunConfig, kind: str, jobs: list[Job], seeds: list[int] | 
         for label, method, change in jobs:
             job_fed = fed if change is None else replace(fed, cfg=change(fed.cfg))
             rows[label] = run_method(job_fed, method, run_dir / f"{label}-seed{seed}", quiet=quiet, seed=seed,
-                                     zero_shot_rows=rows.get("zero-shot")).rows
+                                     zero_shot_rows=rows.get("zero-shot"), top_dir=run_dir).rows
         per_seed.append(rows)
     return run_dir, per_seed

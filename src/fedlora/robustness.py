@@ -36,6 +36,8 @@ import torch
 from fedlora.config import RobustConfig, RunConfig
 from fedlora.fl.engine import Simulator
 from fedlora.fl.preflight import preflight
+from fedlora.jsonio import jsonl_lines, write_json
+from fedlora.report.trackers import open_trackers
 from fedlora.report.summary import final_rows
 
 log = logging.getLogger("fedlora")
@@ -79,10 +81,19 @@ def _delta_w(adapter: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _run_cell(fed, method: str) -> tuple[dict, torch.Tensor | None, list[int]]:
-    """Run one simulation; returns (metrics, ΔW of the final global adapter, byzantine ids)."""
-    sim = Simulator(fed, method)
-    result = sim.run()
+def _run_cell(fed, method: str, top_dir: Path | None = None,
+              name: str = "") -> tuple[dict, torch.Tensor | None, list[int]]:
+    """Run one simulation; returns (metrics, ΔW of the final global adapter, byzantine ids).
+    With report.log_to, the cell's rounds go to its trackers as run `name` (under top_dir/name)."""
+    trackers = open_trackers(fed.cfg, top_dir / name, name, top_dir) if top_dir is not None else None
+    sim = Simulator(fed, method, on_round=None if trackers is None else trackers.log_round)
+    status = "FAILED"
+    try:
+        result = sim.run()
+        status = "FINISHED"
+    finally:
+        if trackers is not None:
+            trackers.close(status)
     final = final_rows(result.rows)
     glob = [r for r in final if r["client"] == "global"]
     honest = [r for r in final if isinstance(r["client"], int) and not r.get("byzantine")
@@ -141,7 +152,7 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
                   "attack_args": {a: args_for(a) for a in attacks},
                   "aggregators": [chain_label(a) for a in aggregators], "fs": fs,
                   "momentum": momentum, "seeds": seeds}
-    (run_dir / "sweep.json").write_text(json.dumps(sweep_spec, indent=2), encoding="utf-8")
+    write_json(run_dir / "sweep.json", sweep_spec)
     jsonl = run_dir / "sweep.jsonl"
     started = time.perf_counter()
     rows: list[dict] = []
@@ -149,7 +160,7 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
         scfg = replace(cfg, seed=seed, robust=RobustConfig())
         fed = reseed(scfg, seed, fed)
         # The clean reference: the method's own aggregation, every client honest.
-        _, ref_dw, _ = _run_cell(fed, method)
+        _, ref_dw, _ = _run_cell(fed, method, run_dir, f"reference-seed{seed}")
         for agg in aggregators:
             chain, label = parse_chain(agg), chain_label(agg)
             for f in fs:
@@ -163,7 +174,8 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
                                "attack_args": robust.attack_args, "momentum": beta}
                         t0 = time.perf_counter()
                         try:
-                            metrics, dw, byz = _run_cell(cell_fed, method)
+                            metrics, dw, byz = _run_cell(cell_fed, method, run_dir, f"{label}-f{f}-{attack}-m"
+                                                         f"{momentum_label(beta)}-seed{seed}")
                         except ValueError as exc:  # the chain's condition fails for the sampled n
                             row.update({"valid": False, "reason": str(exc)})
                         else:
@@ -174,7 +186,7 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
                         row["seconds"] = round(time.perf_counter() - t0, 2)
                         rows.append(row)
                         with jsonl.open("a", encoding="utf-8") as fh:
-                            fh.write(json.dumps(row) + "\n")
+                            fh.write(jsonl_lines([row]))  # strict JSON: NaN is null
                         if not quiet:
                             shown = (f"acc={row['accuracy']:.3f} dev={row['deviation']:.3g}" if row["valid"]
                                      else f"n/a ({row['reason']})")
@@ -184,8 +196,10 @@ def robustness_sweep(cfg: RunConfig, attacks: list[str] | None = None,
     (run_dir / "sweep.md").write_text(sweep_markdown(table, sweep_spec, time.perf_counter() - started),
                                       encoding="utf-8")
     plot_heatmap(table, run_dir / "heatmap.png")
-    log.info("robustness sweep: %s", run_dir)
-    return run_dir
+    from fedlora.report.html import write_report
+
+    write_report(run_dir)
+    return run_dir  # the CLI prints it once, as `results: DIR`
 
 
 # --- tables --------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from fedlora.config.sections import (
     LoraConfig,
     ModelConfig,
     PartitionConfig,
+    ReportConfig,
     RobustConfig,
     RunConfig,
     TopologyConfig,
@@ -48,6 +49,6 @@ from fedlora.config.validate import _validate_dp, _validate_faults, _validate_ro
 
 __all__ = [
     "ConcordiaConfig", "ConfigError", "DPConfig", "DataConfig", "EvalConfig", "FLConfig", "LoraConfig",
-    "ModelConfig", "PartitionConfig", "RobustConfig", "RunConfig", "TopologyConfig", "TrainConfig",
+    "ModelConfig", "PartitionConfig", "ReportConfig", "RobustConfig", "RunConfig", "TopologyConfig", "TrainConfig",
     "apply_overrides", "from_dict", "load_config", "validate",
 ]

@@ -280,6 +280,16 @@ class ConcordiaConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What a run writes besides its files (fedlora/report/trackers.py, docs/usage.md)."""
+
+    log_to: list[str] = field(default_factory=list)
+    """Experiment trackers fed every round with metrics.jsonl's numbers: 'tensorboard' (event files
+    in RUN_DIR/tensorboard) and/or 'mlflow' (MLFLOW_TRACKING_URI, else a file store in
+    RUN_DIR/mlruns). Both need `pip install "fedlora[trackers]"`. Empty: none."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
@@ -295,6 +305,7 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     concordia: ConcordiaConfig = field(default_factory=ConcordiaConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

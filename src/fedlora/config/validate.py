@@ -7,8 +7,13 @@ live in `fedlora.fl.preflight`, which every entry point runs before expensive wo
 
 from __future__ import annotations
 
+import difflib
+
 from fedlora.config.errors import ConfigError
 from fedlora.config.sections import RunConfig
+
+TRACKERS = ("tensorboard", "mlflow")
+"""report.log_to names (fedlora/report/trackers.py writes them; declared here, where config is checked)."""
 
 
 def validate(cfg: RunConfig) -> None:
@@ -39,6 +44,15 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(message)
     _validate_faults(cfg)
     _validate_robust(cfg)
+    _validate_report(cfg)
+
+
+def _validate_report(cfg: RunConfig) -> None:
+    for name in cfg.report.log_to:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name.lower(), TRACKERS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"report.log_to: unknown tracker {name!r}{hint} (available: {', '.join(TRACKERS)})")
 
 
 def _validate_faults(cfg: RunConfig) -> None:

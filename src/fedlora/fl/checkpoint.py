@@ -42,6 +42,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedlora.jsonio import tag_nonfinite, untag_nonfinite
+
 log = logging.getLogger("fedlora")
 
 FORMAT = 1
@@ -173,8 +175,9 @@ def save_checkpoint(folder: Path, round_index: int, fields: dict[str, Any], rows
     blobs = {
         # safetensors needs at least one tensor to carry its header in some versions: keep a marker.
         "state.safetensors": st_save(tensors or {"__empty__": torch.zeros(0)}),
-        "state.json": json.dumps({"round": round_index, "fields": skeleton, "rows": rows, "info": info},
-                                 default=_jsonable).encode("utf-8"),
+        # Strict JSON (no bare NaN), yet exact: a non-finite float is tagged {"__float__": "nan"}.
+        "state.json": json.dumps(tag_nonfinite({"round": round_index, "fields": skeleton, "rows": rows,
+                                                "info": info}), default=_jsonable, allow_nan=False).encode("utf-8"),
     }
     manifest = {"format": FORMAT, "round": round_index,
                 "files": {name: {"sha256": _sha256(b), "bytes": len(b)} for name, b in blobs.items()}}
@@ -244,7 +247,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
                                   f"{expected.get('bytes')}): truncated or corrupted")
         blobs[name] = data
     try:
-        body = json.loads(blobs["state.json"])
+        body = untag_nonfinite(json.loads(blobs["state.json"]))  # bare NaN of older checkpoints still reads
         tensors = st_load(blobs["state.safetensors"])
         return Checkpoint(round=int(body["round"]), fields=unflatten(body["fields"], tensors), rows=body["rows"],
                           info=body["info"], path=path)

@@ -42,6 +42,8 @@ from scipy.cluster.hierarchy import dendrogram, linkage as scipy_linkage
 from scipy.spatial.distance import pdist, squareform
 from sklearn.metrics import silhouette_score
 
+from fedlora.jsonio import dumps
+
 METRICS = ("frobenius", "cosine")
 MODES = ("tree", "independent", "fixed")
 # Methods valid on a precomputed distance matrix (ward also for Euclidean/Frobenius distances).
@@ -251,7 +253,7 @@ def save_tree(cuts: TreeCuts, folder: Path, client_names: Sequence[str] | None =
     if cuts.layer_linkages is not None:
         record["layer_linkages"] = cuts.layer_linkages.tolist()
     json_path, png_path = folder / "client_tree.json", folder / "client_tree.png"
-    json_path.write_text(json.dumps(record, indent=1))
+    json_path.write_text(dumps(record, indent=1))  # strict JSON: a NaN score is null
     _draw(cuts, names, layers, png_path)
     return json_path, png_path
 
@@ -261,7 +263,7 @@ def load_tree(path: Path) -> TreeCuts:
     rec = json.loads(Path(path).read_text())
     ll = rec.get("layer_linkages")
     return TreeCuts(np.asarray(rec["linkage"], dtype=float).reshape(-1, 4), np.asarray(rec["labels"], dtype=int),
-                    rec["counts"], [{int(c): s for c, s in sc.items()} for sc in rec["scores"]], rec["params"],
+                    rec["counts"], [{int(c): float("nan") if s is None else s for c, s in sc.items()} for sc in rec["scores"]], rec["params"],
                     None if ll is None else np.asarray(ll, dtype=float))
 
 

@@ -57,6 +57,7 @@ from fedlora.fl.methods import Method, available_methods, method_class
 from fedlora.fl.rules import ClientRule
 from fedlora.fl.schema import SideChannel
 from fedlora.fl.timer import Timer
+from fedlora.jsonio import jsonl_lines
 from fedlora.model.lora import adapter_parameters
 from fedlora.synth.features import RowFeaturizer, encode_rows
 from fedlora.synth.generator import GeneratorConfig, RewardComposer, RewardConfig, TableGenerator
@@ -262,7 +263,7 @@ class ConcordiaRule(ClientRule):
         rows = [{"client": r["client"], "round": r["round"], **{k[4:]: v for k, v in r.items() if k.startswith("syn_")}}
                 for r in result.rows if isinstance(r.get("client"), int) and "syn_rows" in r]
         path = folder / "quality.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        path.write_text(jsonl_lines(rows), encoding="utf-8")  # strict JSON: NaN is null
         out = [path]
         if any("fidelity_mean" in r for r in rows):
             out.append(plot_quality([r for r in rows if "fidelity_mean" in r], folder / "quality.png"))

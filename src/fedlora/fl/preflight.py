@@ -2,9 +2,10 @@
 
 `fedlora.config` validates types and values on its own and imports nothing else from fedlora.
 What it cannot know lives here: whether the topology graph can be built on the configured
-clients (`fl/topology.py`) and whether `robust.attack` names a registered attack
-(`fl/attacks.py`). `preflight(cfg)` raises `ConfigError` naming the key; `prepare()` calls it
-first, and so does the command line right after loading a config.
+clients (`fl/topology.py`), whether `robust.attack` names a registered attack (`fl/attacks.py`),
+and whether model.name can load here (`model/hub.py`). `preflight(cfg)` raises `ConfigError`
+naming the key (`ModelError` for the model); `prepare()` calls it first, and so does the command
+line right after loading a config, so a bad name fails before any data is read.
 
 >>> from fedlora.config import RunConfig
 >>> preflight(RunConfig())  # the defaults pass
@@ -17,13 +18,23 @@ from fedlora.fl.attacks import MALFORMED_KINDS, available_attacks
 from fedlora.fl.combine import check_composition
 from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.topology import check_topology
+from fedlora.report.trackers import check_trackers
+from fedlora.model.hub import check_model_name
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, model: bool = True) -> None:
     """ConfigError when robust.attack is unknown, the topology cannot be built on the clients, or
     two features cannot be combined (fl/combine.check_composition; the engines check again with
-    the client rule's side channels, which need the prepared data)."""
+    the client rule's side channels, which need the prepared data).
+
+    With `model`, also ModelError when model.name cannot load here: a missing path, a typo of a
+    built-in name, or a Hugging Face id neither cached nor reachable (model/hub.py; at most one
+    1.5 s connect per process). `fedlora config show` passes False: printing a config needs no model.
+    """
+    if model:
+        check_model_name(cfg.model.name)
     check_attack(cfg.robust)
+    check_trackers(cfg.report.log_to)  # a tracker's missing package fails before any training
     check_topology(cfg.topology, cfg.partition.num_clients)  # a graph that cannot be built fails here
     check_composition(cfg, build_method(cfg.fl.method, method_options(cfg, cfg.fl.method)))
 

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from fedlora.config import RunConfig
+from fedlora.jsonio import read_jsonl
 
 
 def flower_command(args, cfg: RunConfig) -> Path:
@@ -30,11 +30,14 @@ def flower_command(args, cfg: RunConfig) -> Path:
     with LocalDeployment(cfg, workdir, round_timeout=args.round_timeout, threads=args.threads) as dep:
         print(f"SuperLink on 127.0.0.1:{dep.port}, {dep.num_nodes} SuperNodes; logs in {workdir / 'logs'}")
         out = dep.run_app(timeout=args.timeout)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "metrics.jsonl")
     servers = [r for r in rows if r["client"] == "server"]
     print(f"{len(servers)} rounds in {time.perf_counter() - started:.1f} s; "
           f"bytes up {sum(r['bytes_up'] for r in servers)}, down {sum(r['bytes_down'] for r in servers)}; "
           f"processes exited with {dep.exit_codes}")
+    from fedlora.report.html import write_report
+
+    write_report(out)
     return out
 
 

@@ -26,6 +26,7 @@ from fedlora.fl.state import RunState
 from fedlora.fl.timer import Timer
 from fedlora.flower.node import check_supported
 from fedlora.flower.wire import RECORD, blob_of, pack
+from fedlora.jsonio import jsonl_lines
 from fedlora.model import load_model, wrap_lora
 from fedlora.model.lora import init_adapter_state
 
@@ -156,7 +157,7 @@ class Coordinator:
         if adapter is not None:
             save_file({k: v.contiguous() for k, v in adapter.items()}, str(folder / "global_adapter.safetensors"))
         tmp = folder / "metrics.jsonl.tmp"  # renamed when complete: its presence means 'done'
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows), encoding="utf-8")
+        tmp.write_text(jsonl_lines(self.rows), encoding="utf-8")  # strict JSON: NaN is null
         tmp.replace(folder / "metrics.jsonl")
 
 

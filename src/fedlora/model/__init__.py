@@ -11,6 +11,7 @@ from fedlora.model.load import (
     resolve_device,
     resolve_dtype,
 )
+from fedlora.model.export import base_model_id, export_merged, save_adapters
 from fedlora.model.lora import (
     AdapterState,
     adapter_parameters,
@@ -23,8 +24,8 @@ from fedlora.model.lora import (
 )
 
 __all__ = [
-    "EMBEDDED", "AdapterState", "ModelError", "adapter_parameters", "adapter_state", "build_tiny_lm",
-    "build_tiny_model",
+    "EMBEDDED", "AdapterState", "ModelError", "adapter_parameters", "adapter_state", "base_model_id", "build_tiny_lm",
+    "build_tiny_model", "export_merged", "save_adapters",
     "cache_dir", "init_adapter_state", "list_models", "load_adapter_state", "load_model",
     "resolve_device", "resolve_dtype", "save_peft_adapter", "set_trainable", "wrap_lora",
 ]

@@ -26,7 +26,6 @@ public names are re-exported here.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import time
@@ -49,6 +48,7 @@ from fedlora.model.gguf import (
     _gguf_key,
     cache_dir,
 )
+from fedlora.model.hub import cached_hub_ids, check_model_name, hf_cache_dir
 from fedlora.model.tiny import _tiny_tokenizer_json, build_tiny_lm, build_tiny_model  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,13 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 # Hugging Face ids and local directories
 
 
-def _from_pretrained(name: str, dtype: torch.dtype):
+def _from_pretrained(name: str, dtype: torch.dtype, local_only: bool = False):
+    """`local_only`: read the Hugging Face cache without asking the Hub first (hub.py: offline)."""
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
         # safetensors only: a pickled pytorch_model.bin is code execution, so it is never loaded.
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
+                                                     local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if Path(name).expanduser().exists():
             raise ModelError(f"cannot load a model from {name}: {exc}\nfedlora reads safetensors weights only, "
@@ -176,14 +178,8 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         model, tok = _load_gguf(gguf.resolve(), _gguf_key(gguf), dtype)
     elif Path(name).expanduser().is_dir():
         model, tok = _from_pretrained(str(Path(name).expanduser()), dtype)
-    elif name.startswith(("/", "./", "../", "~", "\\")) or name.count("/") > 1:
-        raise ModelError(f"model directory {name} does not exist; check model.name")
-    else:
-        close = difflib.get_close_matches(name.lower(), [EMBEDDED, "tiny", "tiny-lm"], n=2, cutoff=0.7)
-        if close and "/" not in name:  # a typo of a built-in name, not a Hugging Face id: no network wait
-            raise ModelError(f"unknown model name {name!r}; did you mean {' or '.join(close)}? (a Hugging Face "
-                             "id is written with its organisation, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
-        model, tok = _from_pretrained(name, dtype)
+    else:  # a missing path, a typo or an unreachable Hub fails here at once (hub.py)
+        model, tok = _from_pretrained(name, dtype, local_only=check_model_name(name))
     model, tok = _finish(model, tok, device, dtype)
     log.info("loaded %s on %s/%s in %.1f s", name, device, dtype, time.perf_counter() - start)
     return model, tok
@@ -201,13 +197,16 @@ def list_models() -> list[dict]:
         "cached": _complete(cache_dir() / _EMBEDDED_CACHE),
     }]
     tiny, _ = build_tiny_model()
-    rows.append({"name": "tiny", "kind": "random Llama (tests)", "where": "built in code",
-                 "params": sum(p.numel() for p in tiny.parameters()), "cached": True})
-    rows.append({"name": "tiny-lm", "kind": "random Llama, learnable text (tests)", "where": "built in code",
-                 "params": sum(p.numel() for p in tiny.parameters()), "cached": True})
+    rows.append({"name": "tiny", "kind": "random Llama (tests)",
+                 "params": sum(p.numel() for p in tiny.parameters()), "where": "built in code", "cached": True})
+    rows.append({"name": "tiny-lm", "kind": "random Llama, learnable text (tests)",
+                 "params": sum(p.numel() for p in tiny.parameters()), "where": "built in code", "cached": True})
     gguf_root = cache_dir() / "gguf"
     for path in sorted(gguf_root.iterdir()) if gguf_root.is_dir() else []:
         if _complete(path):
             rows.append({"name": path.name, "kind": "converted GGUF", "params": None,
                          "where": str(path), "cached": True})
+    for repo_id in cached_hub_ids():  # loads offline too (hub.py reads it with local_files_only)
+        rows.append({"name": repo_id, "kind": "Hugging Face cache", "params": None,
+                     "where": str(hf_cache_dir()), "cached": True})
     return rows

@@ -169,7 +169,10 @@ def lora_scaling(cfg: LoraConfig) -> float:
 
 
 def save_peft_adapter(model: PeftModel, state: AdapterState, path: str | Path) -> Path:
-    """Write `state` as a standard PEFT adapter directory (loadable with PeftModel.from_pretrained)."""
+    """Write `state` as a standard PEFT adapter directory (loadable with PeftModel.from_pretrained).
+
+    PEFT records the model's `_name_or_path` as the base (a cache path for the embedded model, None
+    for tiny); a run's own outputs use `model/export.save_adapters`, which names the real base."""
     load_adapter_state(model, state)
     path = Path(path)
     model.save_pretrained(str(path), safe_serialization=True)

@@ -1,11 +1,22 @@
-"""Progress bars for rounds and a one-line summary per round; a readable final table."""
+"""Round progress: a rich bar on a terminal, one plain line per round anywhere else.
+
+On a terminal (stderr is a tty and not TERM=dumb) a single rich `Progress` shows the rounds and,
+as a second row of the same display, the current client's local steps; each round's summary
+line is printed above it and stays, and the bars vanish when the method ends (`transient`), so
+nothing is left but the lines. Anywhere else (a pipe, a log file, CI, a notebook) there is no bar
+at all: exactly one line per round, written and flushed as the round ends, with no carriage
+returns or escape codes to clean out of a log. Both go to stderr, like logging: stdout keeps the
+tables and the `results:` line a script may read.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
 def _mean(values):
@@ -33,20 +44,74 @@ def round_line(method: str, round_index: int, rows: list[dict]) -> str:
     return " | ".join(parts)
 
 
+def is_terminal(console: Console) -> bool:
+    """Whether live bars belong on `console`: a real terminal that can move the cursor."""
+    return console.is_terminal and not console.is_dumb_terminal
+
+
+_LIVE: list[RoundProgress] = []
+"""The progress on screen now, if any: `track_steps` adds the step row to it rather than drawing a
+second, nested bar (the training loop sits several calls below the run and has no handle on it)."""
+
+
 class RoundProgress:
-    def __init__(self, method: str, rounds: int, quiet: bool = False):
+    """Progress over `rounds` rounds of `method`; `update` once per finished round, then `close`.
+
+    `console` defaults to stderr; tests pass one writing to a buffer, with force_terminal to get bars.
+    """
+
+    def __init__(self, method: str, rounds: int, quiet: bool = False, console: Console | None = None):
         self.method, self.quiet = method, quiet
-        self.bar = None if quiet else tqdm(total=rounds, desc=method, unit="round", leave=False)
+        self.console = console or Console(stderr=True)
+        self._bar: Progress | None = None
+        self._steps: TaskID | None = None
+        if not quiet and is_terminal(self.console):
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
+                                 console=self.console, transient=True)
+            self._rounds = self._bar.add_task(method, total=rounds, unit="rounds")
+            self._bar.start()
+            _LIVE.append(self)
 
     def update(self, round_index: int, rows: list[dict]) -> None:
-        if self.bar is None:
+        if self.quiet:
             return
-        self.bar.update(1)
-        tqdm.write(round_line(self.method, round_index, rows))
+        line = round_line(self.method, round_index, rows)
+        if self._bar is None:
+            self.console.file.write(line + "\n")
+            self.console.file.flush()
+            return
+        self._bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self._bar.advance(self._rounds)
+
+    def track(self, items: Iterable, label: str) -> Iterator:
+        """`items`, advancing the step row (labelled `label`) of this display as each is taken."""
+        items = list(items)
+        if self._bar is None:
+            yield from items
+            return
+        if self._steps is None:
+            self._steps = self._bar.add_task(label, total=len(items), unit="steps")
+        self._bar.reset(self._steps, total=len(items), description=label, visible=True)
+        for item in items:
+            yield item
+            self._bar.advance(self._steps)
+        self._bar.update(self._steps, visible=False)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        """Remove the bars (the round lines stay); safe to call twice, and after an error."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self in _LIVE:
+            _LIVE.remove(self)
+
+
+def track_steps(items: Iterable, label: str | None) -> Iterable:
+    """`items` unchanged, or counted on the step row of the progress on screen (never a new bar)."""
+    if not label or not _LIVE:
+        return items
+    return _LIVE[-1].track(items, label)
 
 
 def _short(stats: dict | None) -> str:

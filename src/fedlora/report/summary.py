@@ -7,11 +7,12 @@ the global test set (mean and std across seeds); personalized methods have none.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from fedlora.jsonio import write_json
 
 METRICS = ("accuracy", "macro_f1", "auroc")
 
@@ -123,17 +124,18 @@ def comparison_markdown(table: list[dict]) -> str:
 def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet: bool = False) -> list[dict]:
     table = comparison(per_seed)
     # The raw rows let comparisons from separate runs (e.g. more seeds later) be merged exactly.
-    (run_dir / "rows.json").write_text(json.dumps(per_seed), encoding="utf-8")
-    (run_dir / "comparison.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
+    write_json(run_dir / "rows.json", per_seed, indent=None)  # strict JSON: NaN is null
+    write_json(run_dir / "comparison.json", table)
     note = ("clients: each client's final score on its own test split, mean ± std over clients"
             " (and seeds), with the method's global adapter or, for personalized methods, the"
             " client's own. global: the final global adapter on the held-out global test set"
             " (± std over seeds); personalized methods have none; decentralized methods (dec_*,"
             " tad_lora): each client's own adapter on the global test, ± std over clients and seeds.")
     (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + "\n", encoding="utf-8")
-    from fedlora.report.plots import plot_comparison
+    from fedlora.report.plots import plot_comparison, plot_methods_by_round
 
     plot_comparison(table, run_dir / "comparison.png")
+    plot_methods_by_round(per_seed, run_dir)  # comparison_rounds.png: each method by round
     if not quiet:
         from fedlora.report.progress import print_comparison
 

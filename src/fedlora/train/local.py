@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fedlora.config import TrainConfig
+from fedlora.report.progress import track_steps
 from fedlora.train.batches import EncodedExamples, collate, target_logprobs
 
 
@@ -64,7 +64,8 @@ def local_train(
 ) -> LocalResult:
     """Run `steps` AdamW steps on `params` over `data`; the model's other weights stay frozen.
 
-    `progress`, when given, is the label of a progress bar over the steps.
+    `progress`, when given, labels the steps on the progress display already on screen (a row of
+    the round bar, report/progress.py); with no display, or output that is not a terminal, nothing.
     """
     if len(data) == 0:
         raise ValueError("a client has no training rows; use fewer clients or a larger partition.min_rows")
@@ -76,9 +77,7 @@ def local_train(
     model.train()
     losses = []
     batches = batch_order(len(data), cfg.batch_size, steps, rng)
-    if progress:
-        batches = tqdm(batches, desc=progress, unit="step", leave=False)
-    for rows in batches:
+    for rows in track_steps(batches, progress):
         optimizer.zero_grad(set_to_none=True)
         weights = np.ones(len(rows)) if sample_weights is None else sample_weights[rows]
         total_weight = float(weights.sum())

@@ -80,8 +80,10 @@ class FLoRA(Method):
     not_mean_because = "FLoRA stacks the clients' factors into a larger adapter instead of averaging them"
     paper = "arXiv 2409.05976"
     fresh_each_round = True
-    defaults = {"ranks": None}
-    """ranks: one rank r_i <= lora.r per client (None: every client at lora.r)."""
+    defaults = {"ranks": None, "export_rank": None}
+    """ranks: one rank r_i <= lora.r per client (None: every client at lora.r). export_rank: the rank
+    of the PEFT adapter saved from the merged delta by truncated SVD (None: lora.r); the exact delta
+    is saved beside it (`model/export.py`)."""
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -89,6 +91,9 @@ class FLoRA(Method):
         if ranks is not None and (not isinstance(ranks, (list, tuple))
                                   or not all(isinstance(x, int) and x >= 1 for x in ranks)):
             raise ValueError(f"flora: ranks must be a list of positive integers, one per client (got {ranks!r})")
+        export_rank = self.options["export_rank"]
+        if export_rank is not None and (not isinstance(export_rank, int) or export_rank < 1):
+            raise ValueError(f"flora: export_rank must be a positive integer or null (got {export_rank!r})")
 
     # --- state -----------------------------------------------------------------------------
     def init_server(self, initial: TensorDict) -> TensorDict:
