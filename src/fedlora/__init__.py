@@ -9,7 +9,7 @@ from fedlora.fl.methods import Method, available_methods, build_method, register
 from fedlora.fl.payload import PayloadError
 from fedlora.model import ModelError, export_merged, load_model
 
-__version__ = "0.1.0"
+from fedlora.version import __version__  # noqa: E402,F401  (one place: report.html reads it too)
 
 __all__ = [
     "ConfigError", "DataError", "Federation", "Method", "ModelError", "PayloadError", "RunConfig",

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from fedlora.model.export import BUILTIN, UPSTREAM
+from fedlora.model.hub import BUILTIN, EMBEDDED_UPSTREAM as UPSTREAM
 
 _METRICS = ("accuracy", "macro_f1", "auroc")
 

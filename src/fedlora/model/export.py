@@ -26,12 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from fedlora.config import LoraConfig, ModelConfig
 from fedlora.model.gguf import EMBEDDED
-from fedlora.model.hub import EMBEDDED_UPSTREAM as UPSTREAM  # shipped as a Q4_1 GGUF, de-quantized by fedlora
+from fedlora.model.hub import BUILTIN, EMBEDDED_UPSTREAM as UPSTREAM  # shipped as a Q4_1 GGUF, de-quantized by fedlora
 from fedlora.model.lora import _PREFIX
 
-BUILTIN = "fedlora:"
-"""Prefix of the built-in random models' base id ('fedlora:tiny'): built in code, not on the Hub;
-the colon makes sure no Hub repository of that name can ever be downloaded in its place."""
 _BUILT_IN_CODE = ("tiny", "tiny-lm")
 
 

@@ -34,6 +34,9 @@ from fedlora.model.gguf import EMBEDDED, cache_dir
 BUILT_IN = (EMBEDDED, "tiny", "tiny-lm")
 EMBEDDED_UPSTREAM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The Hub id of the embedded model: asking for it offline is answered with the embedded name."""
+BUILTIN = "fedlora:"
+"""Prefix of the built-in random models' base id ('fedlora:tiny'): built in code, not on the Hub;
+the colon makes sure no Hub repository of that name can ever be downloaded in its place."""
 PROBE_SECONDS = 1.5
 """Long enough for a TLS-less TCP handshake across continents (~0.3 s), short enough to go unnoticed."""
 

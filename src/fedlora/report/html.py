@@ -245,7 +245,7 @@ def _kind(run_dir: Path) -> str:
 
 def build_report(run_dir: str | Path) -> str:
     """The page's HTML for a run directory (see the module docstring for what it reads)."""
-    from fedlora import __version__
+    from fedlora.version import __version__
 
     global _chart_ids
     _chart_ids = itertools.count()  # ids from c0 on every build: the same run gives the same page
