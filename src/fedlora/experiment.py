@@ -142,8 +142,9 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
             "byzantine": sim.byzantine, "attack": rb.attack, "attack_args": rb.attack_args,
             "label_flip": rb.label_flip, "aggregator": rb.aggregator, "f": rb.f, "momentum": rb.momentum,
         })
-    progress = RoundProgress(method, fed.cfg.fl.rounds, quiet=quiet)  # on_round updates it
+    # trackers first: if one cannot open, no progress bar is left on the screen
     trackers = open_trackers(fed.cfg, run_dir, run_dir.name if top_dir else f"{method}-seed{sim.seed}", top_dir)
+    progress = RoundProgress(method, fed.cfg.fl.rounds, quiet=quiet)  # on_round updates it
     status = "FAILED"
     try:  # an error or Ctrl-C removes the bar too, and gives the terminal its cursor back
         if resume_from is None:
