@@ -42,7 +42,7 @@ def test_concordia_round_on_smollm2_generates_valid_rows_and_trains_on_them(tmp_
     cfg = load_config("configs/demo.yaml", [
         f"output_dir={tmp_path}", "partition.num_clients=2", "partition.scheme=iid", "data.max_rows=160",
         "data.columns=[mean radius, mean texture, mean area]", "train.local_steps=1", "train.batch_size=4",
-        "fl.rounds=1", "eval.max_examples=4", "concordia.enabled=true", "concordia.synthetic_rows=12",
+        "fl.rounds=1", "eval.max_examples=4", "concordia.enabled=true", "concordia.synthetic_rows=24",
         "concordia.generator={steps: 30, lr: 0.003, batch_size: 4}",
         "concordia.grpo={group_size: 2, prompts_per_step: 1, steps: 1}", "concordia.scorer={subset: 8, epochs: 50}",
     ])

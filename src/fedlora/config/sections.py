@@ -24,6 +24,15 @@ class ModelConfig:
     """'auto' (bf16 on CUDA when supported, fp32 on CPU), 'float32', 'bfloat16', 'float16'."""
     num_threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
+    precision: str = "auto"
+    """Compute precision of forward and backward passes: 'auto' (bf16 autocast on CUDA with bf16
+    support and on CPUs with bf16 units, avx512_bf16 or AMX; fp32 elsewhere), 'fp32' or 'bf16'.
+    LoRA parameters, optimizer state and payloads stay fp32 either way (model/precision.py)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for longer prompts or bigger models."""
+    quantization: str = "none"
+    """Load the frozen base weights as 'none', '4bit' (QLoRA, NF4) or '8bit', through bitsandbytes;
+    CUDA only (refused on a CPU with a clear message)."""
 
 
 @dataclass
@@ -93,6 +102,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer_state: str = "reset"
     """'reset' (fresh AdamW moments every round) or 'keep' (each client keeps its own across rounds)."""
+    optimizer: str = "adamw"
+    """'adamw' (torch) or 'paged_adamw_8bit' (bitsandbytes, CUDA only: 8-bit moments, paged to host
+    memory under pressure)."""
 
 
 @dataclass
@@ -144,6 +156,18 @@ class EvalConfig:
     baseline: str = "logreg"
     """Classical baseline on the same client splits: 'logreg', 'gboost' or 'none'."""
     global_test: bool = True
+    calibration: str = "none"
+    """Calibrated decisions beside the raw argmax (train/calibration.py, docs/calibration.md):
+    'none', 'contextual' (content-free prompts, arXiv 2101.09690; no labels), 'bias' (inverse
+    temperature + per-class bias fitted on the client's own validation split) or 'both'. Rows then
+    carry accuracy_cal, macro_f1_cal, auroc_cal and ece_cal beside the raw accuracy, macro_f1, auroc,
+    ece; 'both' also reports its contextual and bias parts. Zero-shot rows are calibrated the same way."""
+    global_calibration: str = "pooled_val"
+    """What calibrates the global adapter on the global (and shifted) test: 'pooled_val' (every
+    client's validation score matrix and labels under the global adapter, pooled: a client shares
+    those [n_val, C] scores and labels, never prompts or rows) or 'holdout' (simulation only: rows of
+    the global-test pool beyond eval.max_examples, drawn like the global test and never scored
+    as test; needs such rows)."""
 
 
 @dataclass

@@ -14,6 +14,16 @@ from fedlora.config.sections import RunConfig
 
 TRACKERS = ("tensorboard", "mlflow")
 """report.log_to names (fedlora/report/trackers.py writes them; declared here, where config is checked)."""
+PRECISIONS = ("auto", "fp32", "bf16")
+"""model.precision names (fedlora/model/precision.py resolves them)."""
+QUANTIZATIONS = ("none", "4bit", "8bit")
+"""model.quantization names (CUDA only; fedlora/model/precision.py)."""
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+"""train.optimizer names (paged_adamw_8bit is CUDA only; fedlora/model/precision.py)."""
+CALIBRATIONS = ("none", "contextual", "bias", "both")
+"""eval.calibration names (fedlora/train/calibration.py fits them)."""
+GLOBAL_CALIBRATIONS = ("pooled_val", "holdout")
+"""eval.global_calibration names (fedlora/fl/scoring.py forms the calibration set)."""
 
 
 def validate(cfg: RunConfig) -> None:
@@ -45,6 +55,20 @@ def validate(cfg: RunConfig) -> None:
     _validate_faults(cfg)
     _validate_robust(cfg)
     _validate_report(cfg)
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    """Names chosen from a fixed list (eval, precision, quantization, optimizer)."""
+    for key, value, options in (("eval.calibration", cfg.eval.calibration, CALIBRATIONS),
+                                ("eval.global_calibration", cfg.eval.global_calibration, GLOBAL_CALIBRATIONS),
+                                ("model.precision", cfg.model.precision, PRECISIONS),
+                                ("model.quantization", cfg.model.quantization, QUANTIZATIONS),
+                                ("train.optimizer", cfg.train.optimizer, OPTIMIZERS)):
+        if value not in options:
+            close = difflib.get_close_matches(str(value).lower(), options, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key}: unknown value {value!r}{hint} (choose one of: {', '.join(options)})")
 
 
 def _validate_report(cfg: RunConfig) -> None:

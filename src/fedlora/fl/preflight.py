@@ -20,6 +20,8 @@ from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.topology import check_topology
 from fedlora.report.trackers import check_trackers
 from fedlora.model.hub import check_model_name
+from fedlora.model.load import resolve_device
+from fedlora.model.precision import check_cuda_only, resolve_precision
 
 
 def preflight(cfg: RunConfig, model: bool = True) -> None:
@@ -29,10 +31,14 @@ def preflight(cfg: RunConfig, model: bool = True) -> None:
 
     With `model`, also ModelError when model.name cannot load here: a missing path, a typo of a
     built-in name, or a Hugging Face id neither cached nor reachable (model/hub.py; at most one
-    1.5 s connect per process). `fedlora config show` passes False: printing a config needs no model.
+    1.5 s connect per process); or when the device lacks what model.precision, model.quantization
+    or train.optimizer need (model/precision.py: k-bit loading and paged AdamW need CUDA). `fedlora config show` passes False: printing a config needs no model.
     """
     if model:
         check_model_name(cfg.model.name)
+        device = resolve_device(cfg.model.device)
+        resolve_precision(cfg.model.precision, device)  # bf16 on a GPU without it fails here
+        check_cuda_only(cfg.model.quantization, cfg.train.optimizer, device)  # bitsandbytes on a CPU
     check_attack(cfg.robust)
     check_trackers(cfg.report.log_to)  # a tracker's missing package fails before any training
     check_topology(cfg.topology, cfg.partition.num_clients)  # a graph that cannot be built fails here

@@ -49,6 +49,13 @@ from fedlora.model.gguf import (
     cache_dir,
 )
 from fedlora.model.hub import cached_hub_ids, check_model_name, hf_cache_dir
+from fedlora.model.precision import (
+    check_cuda_only,
+    enable_gradient_checkpointing,
+    quantization_config,
+    resolve_precision,
+    set_compute_precision,
+)
 from fedlora.model.tiny import _tiny_tokenizer_json, build_tiny_lm, build_tiny_model  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -113,13 +120,14 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 # Hugging Face ids and local directories
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, local_only: bool = False):
-    """`local_only`: read the Hugging Face cache without asking the Hub first (hub.py: offline)."""
+def _from_pretrained(name: str, dtype: torch.dtype, local_only: bool = False, quantized: dict | None = None):
+    """`local_only`: read the Hugging Face cache without asking the Hub first (hub.py: offline).
+    `quantized`: extra from_pretrained arguments of a k-bit load (quantization_config, device_map)."""
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
         # safetensors only: a pickled pytorch_model.bin is code execution, so it is never loaded.
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
-                                                     local_files_only=local_only)
+                                                     local_files_only=local_only, **(quantized or {}))
     except (OSError, ValueError) as exc:
         if Path(name).expanduser().exists():
             raise ModelError(f"cannot load a model from {name}: {exc}\nfedlora reads safetensors weights only, "
@@ -132,17 +140,18 @@ def _from_pretrained(name: str, dtype: torch.dtype, local_only: bool = False):
     return model, tok
 
 
-def _load_gguf(gguf: Path, key: str, dtype: torch.dtype):
+def _load_gguf(gguf: Path, key: str, dtype: torch.dtype, quantized: dict | None = None):
     path = _cached(functools.partial(_convert_gguf, gguf), key)
-    return _from_pretrained(str(path), dtype)
+    return _from_pretrained(str(path), dtype, quantized=quantized)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 
 
-def _finish(model, tok, device: torch.device, dtype: torch.dtype):
-    """Common last step: pad token, right padding, dtype, device, eval mode."""
+def _finish(model, tok, device: torch.device, dtype: torch.dtype, quantized: bool = False):
+    """Common last step: pad token, right padding, dtype, device, eval mode (a k-bit model is
+    already placed by from_pretrained and cannot be cast)."""
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelError("the tokenizer has neither a pad nor an EOS token; pick another model")
@@ -151,7 +160,8 @@ def _finish(model, tok, device: torch.device, dtype: torch.dtype):
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    model = model.to(device=device, dtype=dtype)
+    if not quantized:
+        model = model.to(device=device, dtype=dtype)
     return model.eval(), tok
 
 
@@ -163,25 +173,40 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    precision = resolve_precision(cfg.precision, device)
+    check_cuda_only(cfg.quantization, "adamw", device)
+    quantized = None
+    if cfg.quantization != "none":
+        compute = torch.bfloat16 if precision == "bf16" else torch.float32
+        quantized = {"quantization_config": quantization_config(cfg.quantization, compute), "device_map": {"": device}}
     name = cfg.name.strip()
     start = time.perf_counter()
     if name.lower() == EMBEDDED:
-        model, tok = _load_gguf(_embedded_gguf(), _EMBEDDED_CACHE, dtype)
-    elif name.lower() == "tiny":
-        model, tok = build_tiny_model(seed=0)
-    elif name.lower() == "tiny-lm":
-        model, tok = build_tiny_lm()
+        model, tok = _load_gguf(_embedded_gguf(), _EMBEDDED_CACHE, dtype, quantized)
+    elif name.lower() in ("tiny", "tiny-lm"):
+        if quantized:
+            raise ModelError(f"model.name={name} is built in code and cannot be loaded in {cfg.quantization}; "
+                             "set model.quantization=none")
+        model, tok = build_tiny_model(seed=0) if name.lower() == "tiny" else build_tiny_lm()
     elif name.lower().endswith(".gguf"):
         gguf = Path(name).expanduser()
         if not gguf.is_file():
             raise ModelError(f"GGUF file {gguf} does not exist; check model.name")
-        model, tok = _load_gguf(gguf.resolve(), _gguf_key(gguf), dtype)
+        model, tok = _load_gguf(gguf.resolve(), _gguf_key(gguf), dtype, quantized)
     elif Path(name).expanduser().is_dir():
-        model, tok = _from_pretrained(str(Path(name).expanduser()), dtype)
+        model, tok = _from_pretrained(str(Path(name).expanduser()), dtype, quantized=quantized)
     else:  # a missing path, a typo or an unreachable Hub fails here at once (hub.py)
-        model, tok = _from_pretrained(name, dtype, local_only=check_model_name(name))
-    model, tok = _finish(model, tok, device, dtype)
-    log.info("loaded %s on %s/%s in %.1f s", name, device, dtype, time.perf_counter() - start)
+        model, tok = _from_pretrained(name, dtype, local_only=check_model_name(name), quantized=quantized)
+    model, tok = _finish(model, tok, device, dtype, quantized=quantized is not None)
+    if quantized:  # PEFT's k-bit preparation: norms in fp32, inputs that carry gradients
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    set_compute_precision(model, precision)
+    log.info("loaded %s on %s/%s (compute %s) in %.1f s", name, device, dtype, precision,
+             time.perf_counter() - start)
     return model, tok
 
 

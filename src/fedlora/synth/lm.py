@@ -16,7 +16,8 @@ import torch
 
 from fedlora.model.lora import AdapterState, adapter_parameters, load_adapter_state, set_trainable
 from fedlora.synth.great import GreatCodec
-from fedlora.train.batches import collate
+from fedlora.model.precision import compute_context
+from fedlora.train.batches import collate, forward_logits
 
 
 @contextmanager
@@ -80,9 +81,10 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], temperat
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
                 ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=eos)
+            with compute_context(model):
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                     temperature=temperature, top_k=0, top_p=1.0,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
             out += [row[: row.index(eos) + 1] if eos in row else row for row in gen[:, width:].tolist()]
     model.train(mode)
     return out
@@ -96,9 +98,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
     """
     batch = collate(list(zip(prompt_ids, completion_ids)), pad, model_device(model))
     keep = batch["targets"].shape[1] + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
-    logp = torch.log_softmax(logits[:, -keep:-1].float() / temperature, dim=-1)
+    logp = torch.log_softmax(forward_logits(model, batch, keep)[:, :-1] / temperature, dim=-1)
     mask = batch["targets"] != -100
     picked = logp.gather(-1, batch["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked * mask, mask

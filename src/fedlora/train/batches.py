@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedlora.model.precision import compute_context
+
 
 @dataclass
 class EncodedExamples:
@@ -102,12 +104,23 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int,
             "position_ids": positions.to(device), "targets": targets.to(device)}
 
 
+def forward_logits(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """fp32 logits of the last `keep` positions: the one forward pass every fedlora path uses.
+
+    It runs in the model's compute precision (model/precision.py: bf16 autocast or fp32) and with
+    `use_cache=False`: no caller reads a KV cache from it, and building one costs about 10 % of a
+    scoring forward here.
+    """
+    with compute_context(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False).logits
+    return logits[:, -keep:].float()
+
+
 def target_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of log p(target token) and the number of target tokens."""
     keep = batch["targets"].shape[1] + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
-    logits = logits[:, -keep:-1].float()
+    logits = forward_logits(model, batch, keep)[:, :-1]
     targets = batch["targets"]
     mask = targets != -100
     logp = torch.log_softmax(logits, dim=-1)

@@ -8,59 +8,94 @@ model cannot answer outside the label set.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from fedlora.train.batches import EncodedExamples, collate, target_logprobs
+from fedlora.model.precision import compute_context
+from fedlora.train.batches import EncodedExamples, collate, forward_logits
 
 
 @torch.no_grad()
 def label_loglik(model, data: EncodedExamples, pad_id: int, batch_size: int = 16) -> np.ndarray:
-    """[n, C] log-likelihood of each class's verbalizer after each prompt."""
+    """[n, C] log-likelihood of each class's verbalizer after each prompt.
+
+    Each prompt is encoded once, whatever the number of classes and verbalizer tokens: one
+    forward over a batch of prompts gives every class's first-token log-prob from the last
+    prompt position; for verbalizers of more than one token, each class's remaining tokens are
+    then run on top of the prompts' KV cache (a forward of len(v_c) - 1 positions), and the cache
+    is cropped back to the prompt before the next class. The scores equal those of encoding each
+    (prompt, verbalizer) pair on its own (tests/test_batches_evaluate.py), at about 1/C of the cost.
+    """
     n, num_classes = len(data), len(data.verbalizer_ids)
     if n == 0:
         return np.zeros((0, num_classes))
     device = next(model.parameters()).device
-    if all(len(v) == 1 for v in data.verbalizer_ids):
-        return _single_token_loglik(model, data, pad_id, batch_size, device)
-    jobs = [(i, c) for i in range(n) for c in range(num_classes)]
     # Similar lengths in one batch waste less compute on padding.
-    jobs.sort(key=lambda job: len(data.prompt_ids[job[0]]))
+    order = sorted(range(n), key=lambda i: len(data.prompt_ids[i]))
     scores = np.zeros((n, num_classes))
     was_training = model.training
     model.eval()
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        pairs = [(data.prompt_ids[i], data.verbalizer_ids[c]) for i, c in chunk]
-        logp, _ = target_logprobs(model, collate(pairs, pad_id, device))
-        for (i, c), value in zip(chunk, logp.tolist()):
-            scores[i, c] = value
-    model.train(was_training)
+    try:
+        for start in range(0, n, batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([(data.prompt_ids[i], []) for i in chunk], pad_id, device)
+            scores[chunk] = _prompt_batch_scores(model, batch, data.verbalizer_ids).cpu().numpy()
+    finally:
+        model.train(was_training)
     return scores
 
 
-@torch.no_grad()
-def _single_token_loglik(model, data: EncodedExamples, pad_id: int, batch_size: int, device) -> np.ndarray:
-    """Fast path when every verbalizer is one token: one forward per prompt scores all classes.
-
-    Gives the same numbers as the general path (log p of the label's only token after the
-    prompt) at 1/C of its cost.
-    """
-    tokens = torch.tensor([v[0] for v in data.verbalizer_ids], device=device)
-    order = sorted(range(len(data)), key=lambda i: len(data.prompt_ids[i]))
-    scores = np.zeros((len(data), len(tokens)))
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate([(data.prompt_ids[i], []) for i in chunk], pad_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=1).logits[:, -1].float()
-        picked = torch.log_softmax(logits, dim=-1)[:, tokens]
-        scores[chunk] = picked.cpu().numpy()
-    model.train(was_training)
+def _prompt_batch_scores(model, batch: dict[str, torch.Tensor], verbalizers: list[list[int]]) -> torch.Tensor:
+    """[B, C] scores of every verbalizer after a batch of left-padded prompts (see label_loglik)."""
+    multi = any(len(v) > 1 for v in verbalizers)
+    if not multi:  # one token each: the last prompt position scores every class
+        first = torch.log_softmax(forward_logits(model, batch, keep=1)[:, -1], dim=-1)
+        return first[:, [v[0] for v in verbalizers]]
+    first, cache = _encode_prompts(model, batch)
+    width, rows = batch["input_ids"].shape[1], batch["input_ids"].shape[0]
+    last_position = batch["position_ids"][:, -1:]
+    scores = torch.zeros((rows, len(verbalizers)), device=first.device)
+    for c, verbalizer in enumerate(verbalizers):
+        scores[:, c] = first[:, verbalizer[0]]
+        if len(verbalizer) == 1:
+            continue
+        if cache.get_seq_length() != width:  # a cache that could not be cropped: encode again
+            _, cache = _encode_prompts(model, batch)
+        # Feed v_0 .. v_{T-2} after the prompt; position t predicts v_{t+1}.
+        steps = len(verbalizer) - 1
+        feed = torch.tensor(verbalizer[:-1], device=first.device).expand(rows, steps)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(feed)], dim=1)
+        positions = last_position + torch.arange(1, steps + 1, device=first.device)
+        with compute_context(model):
+            logits = model(input_ids=feed, attention_mask=mask, position_ids=positions,
+                           use_cache=True, **{_cache_argument(model): cache}).logits.float()
+        targets = torch.tensor(verbalizer[1:], device=first.device).expand(rows, steps)
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        scores[:, c] += picked.sum(dim=1)
+        try:
+            cache.crop(-steps)  # back to the prompt alone for the next class
+        except (RuntimeError, ValueError):  # e.g. a sliding-window layer past its window
+            pass
     return scores
+
+
+def _encode_prompts(model, batch: dict[str, torch.Tensor]):
+    """First-token log-probs after each prompt [B, V] and the prompts' KV cache."""
+    with compute_context(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], logits_to_keep=1, use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), cache
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes a KV cache: 'cache' in transformers >= 5.2x, before that
+    'past_key_values' (the old name still works there but warns)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:

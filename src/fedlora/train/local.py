@@ -2,7 +2,7 @@
 
 Loss: for example i with answer tokens T_i, l_i = -(1/|T_i|) sum_{t in T_i} log p(t | prefix);
 the batch loss is sum_i w_i l_i / sum_i w_i (w_i = 1 unless per-sample weights are given, as
-Concordia does). AdamW on the trainable LoRA factors only, gradient clipping, micro-batching
+Concordia does). AdamW (or bitsandbytes' paged 8-bit AdamW on CUDA) on the trainable LoRA factors only, gradient clipping, micro-batching
 (gradient accumulation with the same result as one big batch), and an optional extra loss term
 (FedProx's proximal term, a regularizer) supplied by the method.
 """
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedlora.config import TrainConfig
+from fedlora.model.precision import make_optimizer
 from fedlora.report.progress import track_steps
 from fedlora.train.batches import EncodedExamples, collate, target_logprobs
 
@@ -70,7 +71,7 @@ def local_train(
     if len(data) == 0:
         raise ValueError("a client has no training rows; use fewer clients or a larger partition.min_rows")
     device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
     if optimizer_state is not None and cfg.optimizer_state == "keep":
         optimizer.load_state_dict(optimizer_state)
     micro = cfg.micro_batch_size or cfg.batch_size
