@@ -49,10 +49,14 @@ def run_once(fed, precision: str, start: dict) -> dict:
     return {"rounds": rounds, "auroc": final[-1]["auroc"], "accuracy": final[-1]["accuracy"]}
 
 
-def plain_peft_round(fed, precision: str, steps: int, batch_size: int, lr: float, seed: int) -> float:
+def plain_peft_round(fed, precision: str, steps: int, batch_size: int, lr: float, seed: int,
+                     attention: str = "sdpa") -> float:
     """Seconds for `steps` AdamW steps on each client's rows: a hand-written PEFT loop (left-padded
-    batch, logits of the answer positions only, cross entropy, backward, clip, step)."""
+    batch, logits of the answer positions only, cross entropy, backward, clip, step), with the
+    model's attention implementation set to `attention` for the loop."""
     model = fed.model
+    config = model.get_base_model().config
+    config._attn_implementation = attention
     params = [p for p in adapter_parameters(model).values()]
     for p in params:
         p.requires_grad_(True)
@@ -87,6 +91,7 @@ def plain_peft_round(fed, precision: str, steps: int, batch_size: int, lr: float
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
     model.eval()
+    config._attn_implementation = "sdpa"
     return time.perf_counter() - started
 
 
@@ -112,6 +117,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--model", default="smollm2-135m", help="model.name ('tiny' for a quick check of the script)")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    ap.add_argument("--section", default="precision", help="the docs/benchmarks.md section --write replaces")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {p: [] for p in PRECISIONS}
@@ -128,11 +134,20 @@ def main() -> None:
             for precision in PRECISIONS:
                 load_adapter_state(fed.model, start)
                 set_compute_precision(fed.model, precision)
-                plain = plain_peft_round(fed, precision, cfg.train.local_steps, cfg.train.batch_size, cfg.train.lr, seed)
                 sim = statistics.median(r["train"] for r in runs[precision][0]["rounds"][1:])
-                reference.append([precision, f"{sim:.1f}", f"{plain:.1f}", f"{plain / sim:.2f}"])
+                row = [precision, f"{sim:.1f}"]
+                # SDPA: what a hand-written loop gets by default; the simulator's choice: eager
+                # attention for short bf16 training batches on a CPU (model/precision.py)
+                same = "eager" if precision == "bf16" and fed.model.device.type == "cpu" else "sdpa"
+                for attention in ("sdpa", same):
+                    load_adapter_state(fed.model, start)
+                    plain = plain_peft_round(fed, precision, cfg.train.local_steps, cfg.train.batch_size,
+                                             cfg.train.lr, seed, attention)
+                    row += [f"{plain:.1f}", f"{plain / sim:.2f}"]
+                reference.append(row)
                 print("reference", reference[-1], flush=True)
-    command = f"python bench/precision.py --seeds {args.seeds} --rounds {args.rounds}" + (" --write" if args.write else "")
+    command = (f"python bench/precision.py --seeds {args.seeds} --rounds {args.rounds}"
+               + (" --write" if args.write else "") + (f" --section {args.section}" if args.section != "precision" else ""))
     text = (f"Command: `{command}`  \nDate: {time.strftime('%Y-%m-%d')}; 1-minute load average {load_before:.2f} "
             f"before, {os.getloadavg()[0]:.2f} after (2 cores; this run adds about 1). The demo config (SmolLM2-135M, "
             f"Breast Cancer, 4 Dirichlet(0.5) clients, FedIT, {args.rounds} rounds x 5 local steps of batch 8, "
@@ -142,13 +157,15 @@ def main() -> None:
             + markdown_table(["precision", "train s", "eval s", "overhead s", "round s", "speed-up",
                               "global AUROC", "global accuracy"], summary_rows(runs))
             + "\n\nPhysical reference (seed 0): the simulator's train phase of a round against a plain PEFT loop "
-              "doing the same steps (4 clients x 5 steps of batch 8) in the same precision; ratio = plain / "
-              "simulator.\n\n" + markdown_table(["precision", "simulator train s", "plain PEFT loop s", "ratio"],
-                                                reference))
+              "doing the same steps (4 clients x 5 steps of batch 8) in the same precision, once with SDPA "
+              "attention (a hand-written loop's default) and once with the attention the simulator uses (eager "
+              "for short bf16 training batches on a CPU, model/precision.py); ratio = plain / simulator.\n\n"
+            + markdown_table(["precision", "simulator train s", "plain loop, SDPA s", "ratio",
+                              "plain loop, same attention s", "ratio"], reference))
     print(text)
     if args.write:
         write_section("machine", "Machine", machine_info())
-        write_section("precision", "Mixed precision: fp32 against bf16 autocast (demo config)", text)
+        write_section(args.section, "Mixed precision: fp32 against bf16 autocast (demo config)", text)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,29 @@ def test_cuda_only_options_are_refused_on_cpu(setting, named):
     if setting.startswith("model."):
         with pytest.raises(ModelError, match="needs a CUDA GPU"):
             load_model(cfg.model)
+
+
+def test_cpu_bf16_training_pass_uses_eager_attention_and_restores_it(model_tok):
+    """Short training batches under bf16 on a CPU swap SDPA for eager attention (faster backward
+    here); scoring and fp32 keep the model's own implementation, and it is restored after."""
+    from fedlora.model.precision import EAGER_TRAIN_MAX_WIDTH
+
+    model, tok = model_tok
+    config = model.get_base_model().config
+    assert config._attn_implementation == "sdpa"
+    seen = []
+    handle = model.get_base_model().register_forward_pre_hook(lambda *a: seen.append(config._attn_implementation))
+    batch = collate([([1, 5, 6], [7]), ([1, 8], [9])], tok.pad_token_id, CPU)
+    wide = collate([([1] * (EAGER_TRAIN_MAX_WIDTH + 1), [7])], tok.pad_token_id, CPU)
+    try:
+        set_compute_precision(model, "bf16")
+        forward_logits(model, batch, keep=2)  # grad enabled: a training pass
+        forward_logits(model, wide, keep=2)  # too wide: SDPA stays
+        with torch.no_grad():
+            forward_logits(model, batch, keep=2)  # scoring
+        set_compute_precision(model, "fp32")
+        forward_logits(model, batch, keep=2)
+    finally:
+        handle.remove()
+    assert seen == ["eager", "sdpa", "sdpa", "sdpa"]
+    assert config._attn_implementation == "sdpa"

@@ -25,6 +25,7 @@ from fedlora.fl.federation import Federation, prepare
 from fedlora.fl.gossip import GossipSimulator
 from fedlora.fl.methods import build_method, method_class, method_options
 from fedlora.fl.preflight import preflight
+from fedlora.fl.scoring import Scorer
 from fedlora.jsonio import jsonl_lines
 from fedlora.jsonio import write_json as _write_json
 from fedlora.model.export import save_adapters
@@ -34,7 +35,6 @@ from fedlora.report.html import write_report
 from fedlora.report.summary import summarize, write_comparison
 from fedlora.report.trackers import open_trackers
 from fedlora.train.baseline import classical_baseline
-from fedlora.train.evaluate import evaluate
 
 log = logging.getLogger("fedlora")
 
@@ -77,15 +77,18 @@ def _partition_info(fed: Federation) -> list[dict]:
 
 
 def zero_shot(fed: Federation) -> list[dict]:
-    """The base model before any training (B = 0 makes the adapter a no-op)."""
+    """The base model before any training (B = 0 makes the adapter a no-op), calibrated as the
+    trained rows are (eval.calibration), so the comparison stays fair."""
     model = fed.model
     load_adapter_state(model, init_adapter_state(model, fed.cfg.seed))
-    bs = fed.cfg.eval.batch_size
-    rows = [{"client": i, "split": "test", **evaluate(model, c.test, fed.pad_id, bs)}
-            for i, c in enumerate(fed.clients)]
+    scorer = Scorer(fed)
+    cf = scorer.content_free_scores() if scorer.on else None  # one base model: scored once
+    cals = [scorer.calibration_set(c.val, cf) for c in fed.clients]
+    rows = [{"client": i, "split": "test", **scorer.metrics(c.test, cal)}
+            for i, (c, cal) in enumerate(zip(fed.clients, cals))]
     if fed.cfg.eval.global_test and len(fed.global_test):
         rows.append({"client": "global", "split": "global_test",
-                     **evaluate(model, fed.global_test, fed.pad_id, bs)})
+                     **scorer.metrics(fed.global_test, scorer.global_set([c for c in cals if c is not None]))})
     return [{**r, "round": 0, "method": "zero-shot"} for r in rows]
 
 

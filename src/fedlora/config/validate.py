@@ -69,6 +69,12 @@ def _validate_eval(cfg: RunConfig) -> None:
             close = difflib.get_close_matches(str(value).lower(), options, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"{key}: unknown value {value!r}{hint} (choose one of: {', '.join(options)})")
+    ev = cfg.eval
+    if (ev.calibration != "none" and ev.global_calibration == "holdout" and ev.global_test
+            and ev.max_examples is None):
+        raise ConfigError("eval.global_calibration=holdout calibrates on global-test rows beyond eval.max_examples, "
+                          "and eval.max_examples is null (every row is test); set eval.max_examples or "
+                          "eval.global_calibration=pooled_val")
 
 
 def _validate_report(cfg: RunConfig) -> None:

@@ -155,5 +155,15 @@ class RowSerializer:
                                "serializer = serializer.fit(train_frame) first")
         return f"{self.features(row)}\n{self._question}\nAnswer:"
 
+    def content_free_prompt(self, token: str) -> str:
+        """The prompt of a row whose every value is `token` (e.g. 'N/A'); for a text table, the text
+        `token`. Same question and 'Answer:' as `prompt`, no fitted bins needed: the content-free
+        inputs of contextual calibration (arXiv 2101.09690, train/calibration.py)."""
+        if self.table.kind == "text":
+            features = token
+        else:
+            features = " ".join(f"{_display(c.name)} is {token}." for c in self.table.columns)
+        return f"{features}\n{self._question}\nAnswer:"
+
     def prompts(self, frame: pd.DataFrame) -> list[str]:
         return [self.prompt(row) for _, row in frame.iterrows()]

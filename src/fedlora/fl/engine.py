@@ -35,6 +35,7 @@ from fedlora.fl.federation import Federation
 from fedlora.fl.methods import ClientUpdate, Method, build_method, method_options
 from fedlora.fl.payload import decode, encode
 from fedlora.fl.robust_round import flip_labels_of
+from fedlora.fl.scoring import Scorer
 from fedlora.fl.rules import ClientRule
 from fedlora.fl.server_runtime import ServerRuntime
 from fedlora.fl.state import RunResult, RunState
@@ -43,7 +44,6 @@ from fedlora.fl.timer import Timer
 from fedlora.model.lora import base_weights, init_adapter_state, load_adapter_state, set_base_weights
 from fedlora.model.mixing import attach_mixing, detach_mixing, mixed_layers
 from fedlora.train.batches import EncodedExamples
-from fedlora.train.evaluate import evaluate
 
 log = logging.getLogger("fedlora")
 
@@ -159,22 +159,30 @@ class Simulator:
 
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate(self, state: RunState, timer: Timer) -> list[dict]:
+        """Each client's adapter (the global one, or its own) on its own test split, calibrated on its
+        own validation split (eval.calibration); the global adapter on the global and shifted tests,
+        calibrated on `Scorer.global_set` (eval.global_calibration)."""
         fed, method, model = self.fed, self.method, self.fed.model
-        bs = self.cfg.eval.batch_size
-        rows = []
+        scorer = Scorer(fed)
+        rows, under_global = [], []
         with timer("eval"):
             global_adapter = method.global_adapter(state.server)
             for cid, client in enumerate(fed.clients):
                 adapter = (method.personal_adapter(state.server, state.clients[cid])
                            if method.personalized else global_adapter)
                 load_adapter_state(model, adapter)
-                rows.append({"client": cid, "split": "test", **evaluate(model, client.test, fed.pad_id, bs)})
+                cal = scorer.calibration_set(client.val)
+                if cal is not None and not method.personalized:
+                    under_global.append(cal)  # already under the global adapter: reused for pooled_val
+                rows.append({"client": cid, "split": "test", **scorer.metrics(client.test, cal)})
             extra = [("global", "global_test", fed.global_test if self.cfg.eval.global_test else None),
                      ("shifted", "shifted_test", fed.shifted_test)]  # data.shift_column
-            for name, split, data in extra:
-                if global_adapter is not None and data is not None and len(data):
-                    load_adapter_state(model, global_adapter)
-                    rows.append({"client": name, "split": split, **evaluate(model, data, fed.pad_id, bs)})
+            extra = [(name, split, data) for name, split, data in extra if data is not None and len(data)]
+            if global_adapter is not None and extra:
+                load_adapter_state(model, global_adapter)
+                cal = scorer.global_set(under_global)
+                for name, split, data in extra:
+                    rows.append({"client": name, "split": split, **scorer.metrics(data, cal)})
         return rows
 
     # --- one round ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedlora.config import RunConfig
+from fedlora.config import ConfigError, RunConfig
 from fedlora.data import Partition, RowSerializer, Table, load_table, make_partition
 from fedlora.fl.preflight import preflight
 from fedlora.model import load_model, wrap_lora
@@ -41,6 +41,9 @@ class Federation:
     global_rows: np.ndarray
     shifted_test: EncodedExamples | None = None
     """Rows above `data.shift_quantile` of `data.shift_column`, which no client holds (or None)."""
+    global_holdout: EncodedExamples | None = None
+    """eval.global_calibration=holdout: global-test pool rows beyond eval.max_examples (at most that
+    many, drawn like the global test), which calibrate the global test and are never scored as test."""
 
     @property
     def pad_id(self) -> int:
@@ -70,6 +73,7 @@ def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = No
     # The table and partition first: a DataError shows before minutes of model loading.
     table = table if table is not None else load_table(cfg.data, seed=cfg.seed)
     partition = make_partition(table, cfg.partition, cfg.data, seed=cfg.seed)
+    holdout_needed = _check_holdout(cfg, partition)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model)
     if not hasattr(model, "peft_config"):
@@ -92,4 +96,22 @@ def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = No
     if len(partition.shifted_test):
         shifted = _encode(tokenizer, global_serializer, table, _cap(partition.shifted_test, cap, rng),
                           cfg.data.max_length)
-    return Federation(cfg, model, tokenizer, table, partition, clients, global_test, global_rows, shifted)
+    holdout = None
+    if holdout_needed:  # its own stream: the draws above stay as they are without it
+        rest = np.setdiff1d(partition.global_test, global_rows)
+        holdout = _encode(tokenizer, global_serializer, table, _cap(rest, cap, np.random.default_rng([cfg.seed, 8])),
+                          cfg.data.max_length)
+    return Federation(cfg, model, tokenizer, table, partition, clients, global_test, global_rows, shifted, holdout)
+
+
+def _check_holdout(cfg: RunConfig, partition: Partition) -> bool:
+    """Whether the global test is calibrated on a holdout; ConfigError when the pool has no rows for one."""
+    ev = cfg.eval
+    if ev.calibration == "none" or ev.global_calibration != "holdout" or not ev.global_test:
+        return False
+    pool = len(partition.global_test)
+    if ev.max_examples is None or pool <= ev.max_examples:
+        raise ConfigError(f"eval.global_calibration=holdout needs global-test rows beyond eval.max_examples="
+                          f"{ev.max_examples}, but the global-test pool has {pool}; lower eval.max_examples, "
+                          "raise data.global_test_fraction, or set eval.global_calibration=pooled_val")
+    return True

@@ -47,13 +47,13 @@ from fedlora.fl.federation import Federation
 from fedlora.fl.methods.base import Method, TensorDict
 from fedlora.fl.payload import PayloadError, encode, spec_of
 from fedlora.fl.schema import PayloadSchema
+from fedlora.fl.scoring import Scorer
 from fedlora.fl.timer import Timer
 from fedlora.fl.topology import Topology, num_components
 from fedlora.model.lora import load_adapter_state
-from fedlora.train.evaluate import evaluate
+from fedlora.report.summary import reported
 
 log = logging.getLogger("fedlora")
-METRICS = ("accuracy", "macro_f1", "auroc")
 
 
 def consensus_distance(states: Sequence[TensorDict]) -> dict[str, float]:
@@ -212,20 +212,27 @@ class GossipSimulator(Simulator):
 
     # --- evaluation --------------------------------------------------------------------------
     def evaluate(self, state: RunState, timer: Timer) -> list[dict]:
-        """Each client's adapter on its own test split and on the global test; the mean over clients."""
-        fed, model, bs = self.fed, self.fed.model, self.cfg.eval.batch_size
+        """Each client's adapter on its own test split and on the global test; the mean over clients.
+
+        There is no global adapter: each adapter is calibrated by its owner on its own validation
+        split (eval.calibration), on its own test and, with global_calibration=pooled_val, on the
+        global test too; with 'holdout', on the global holdout under that adapter."""
+        fed, model = self.fed, self.fed.model
         on_global = self.cfg.eval.global_test and len(fed.global_test) > 0
+        scorer = Scorer(fed)
         rows, scores = [], []
         with timer("eval"):
             for cid, client in enumerate(fed.clients):
                 load_adapter_state(model, self.method.personal_adapter(state.server, state.clients[cid]))
-                row = {"client": cid, "split": "test", **evaluate(model, client.test, fed.pad_id, bs)}
+                cal = scorer.calibration_set(client.val)
+                row = {"client": cid, "split": "test", **scorer.metrics(client.test, cal)}
                 if on_global:
-                    scores.append(evaluate(model, fed.global_test, fed.pad_id, bs))
-                    row.update({f"global_{m}": scores[-1][m] for m in METRICS})
+                    cal = scorer.global_set([cal]) if cal is not None else None
+                    scores.append(scorer.metrics(fed.global_test, cal))
+                    row.update({f"global_{m}": scores[-1][m] for m in reported(scores[-1])})
                 rows.append(row)
         if scores:
-            table = {m: np.asarray([s[m] for s in scores], dtype=float) for m in METRICS}
+            table = {m: np.asarray([s[m] for s in scores], dtype=float) for m in reported(scores[0])}
             mean = {m: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan") for m, v in table.items()}
             std = {f"{m}_std": float(np.nanstd(v)) if not np.isnan(v).all() else float("nan") for m, v in table.items()}
             rows.append({"client": "global", "split": "global_test", "scored_on": "mean over clients' adapters",

@@ -29,6 +29,7 @@ from fedlora.fl.client_tree import layer_index
 from fedlora.fl.federation import prepare
 from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.payload import PayloadError, decode, encode, spec_of
+from fedlora.fl.scoring import Scorer
 from fedlora.fl.state import RunState
 from fedlora.fl.streams import Streams
 from fedlora.fl.timer import Timer
@@ -37,7 +38,6 @@ from fedlora.flower.wire import PAYLOAD, RECORD, blob_of, check_subset, unpack
 from fedlora.model.lora import (adapter_parameters, base_weights, init_adapter_state, load_adapter_state,
                                 set_base_weights)
 from fedlora.model.mixing import EXT_A, EXT_B, attach_mixing, detach_mixing, mixed_layers
-from fedlora.train.evaluate import evaluate
 
 log = logging.getLogger("fedlora")
 
@@ -64,6 +64,7 @@ class Node:
         # Own table: it is client 0 of a one-client federation.
         self.splits = self.fed.clients[0] if data_cfg is not cfg else self.fed.clients[self.cid]
         self.num_examples = len(self.splits.train)
+        self.scorer = Scorer(self.fed)
         self.adapter_spec = _with_external_branches(
             spec_of({k: v.detach() for k, v in adapter_parameters(self.fed.model).items()}))
         self.moves_base = self.method.overrides("base_delta")
@@ -140,7 +141,8 @@ class Node:
         version = self._sync_base(content[RECORD], None, state)
         adapter = self.method.start_local(received, self.load_state(state)) if self.method.personalized else received
         load_adapter_state(self.fed.model, adapter)
-        metrics = evaluate(self.fed.model, self.splits.test, self.fed.pad_id, self.cfg.eval.batch_size)
+        # eval.calibration: fitted on this node's own validation split, on the node (fl/scoring.py)
+        metrics = self.scorer.metrics(self.splits.test, self.scorer.calibration_set(self.splits.val))
         # JSON keeps NaN (e.g. AUROC on a one-class test set) exactly as the simulator reports it.
         return RecordDict({RECORD: ConfigRecord({"partition-id": self.cid, "metrics": json.dumps(metrics),
                                                  **({} if version is None else {"base-version": version})})})

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from fedlora.report import charts
+from fedlora.report.summary import CALIBRATED_COLUMNS, METRICS, calibrated
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -38,6 +39,13 @@ SCORING_NOTE = (
     "client's own adapter on the global test. Every LLM row predicts the label whose verbalized text "
     "has the highest likelihood; AUROC uses the softmax over the label likelihoods. zero-shot is the "
     "base model before training; baseline-* is a classical model on the same client splits."
+)
+CALIBRATION_NOTE = (
+    "cal: the same scores after the eval.calibration fit (contextual: content-free prompts; bias: "
+    "inverse temperature and per-class bias), fitted on each client's own validation split and, for "
+    "the global test, as eval.global_calibration says; never on a test split. Binary AUROC is "
+    "unchanged by it. ECE: expected calibration error of the top-label confidence, 10 bins; the "
+    "baseline keeps its own decision rule (docs/calibration.md)."
 )
 
 
@@ -150,16 +158,19 @@ def _scores_section(run_dir: Path, per_seed: list) -> str:
     table = _read_json(run_dir / "comparison.json")
     parts = []
     if table:
+        extra = CALIBRATED_COLUMNS if calibrated(table) else ()  # eval.calibration on
+        keys = (*METRICS, *(k for _, k in extra))
         rows = []
         for r in table:
-            g = r.get("global") or {}
-            rows.append([_esc(r["method"]), _esc(r.get("scored_with", "")), _stats(r["clients"].get("accuracy")),
-                         _stats(r["clients"].get("macro_f1")), _stats(r["clients"].get("auroc")),
-                         _stats(g.get("accuracy")), _stats(g.get("macro_f1")), _stats(g.get("auroc")),
-                         _fmt(r.get("megabytes"), 2)])
-        parts.append(_table(["method", "scored with", "client acc", "client macro-F1", "client AUROC",
-                             "global acc", "global macro-F1", "global AUROC", "MB sent"], rows))
+            c, g = r["clients"], r.get("global") or {}
+            rows.append([_esc(r["method"]), _esc(r.get("scored_with", "")), *[_stats(c.get(k)) for k in keys],
+                         *[_stats(g.get(k)) for k in keys], _fmt(r.get("megabytes"), 2)])
+        labels = ("acc", "macro-F1", "AUROC", *(name for name, _ in extra))
+        parts.append(_table(["method", "scored with", *[f"client {x}" for x in labels],
+                             *[f"global {x}" for x in labels], "MB sent"], rows))
         parts.append(f'<p class="note">{_esc(SCORING_NOTE)}</p>')
+        if extra:
+            parts.append(f'<p class="note">{_esc(CALIBRATION_NOTE)}</p>')
     if per_seed:
         parts += [_svg(charts.methods_by_round(per_seed, m), f"{m} by round, per method") for m in ("accuracy", "auroc")]
         parts.append(_svg(charts.client_spread(per_seed), "per-client spread of the final accuracy"))

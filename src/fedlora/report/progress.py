@@ -121,6 +121,17 @@ def _short(stats: dict | None) -> str:
     return f"{stats['mean']:.2f}" + (f"±{stats['std']:.2f}" if stats["count"] > 1 else "")
 
 
+def _accuracy(stats: dict, cal: bool) -> str:
+    """Accuracy as `_short` shows it, or with calibration on 'raw→calibrated' means ('-' if undefined)."""
+    if not cal:
+        return _short(stats.get("accuracy"))
+
+    def mean(s: dict | None) -> str:
+        return "-" if not s or s["count"] == 0 or math.isnan(s["mean"]) else f"{s['mean']:.2f}"
+
+    return f"{mean(stats.get('accuracy'))}→{mean(stats.get('accuracy_cal'))}" if stats else "-"
+
+
 def print_comparison(table: list[dict], note: str) -> None:
     """The final table for a terminal: accuracy and AUROC, clients' own tests and global test.
 
@@ -129,15 +140,19 @@ def print_comparison(table: list[dict], note: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from fedlora.report.summary import calibrated
+
+    cal = calibrated(table)  # eval.calibration: accuracy as 'raw→calibrated' means, same width
+    acc = "acc→cal" if cal else "acc"
     out = Table(title="fedlora: final scores (higher is better)")
     out.add_column("method", no_wrap=True)
-    for col in ("clients\nacc", "clients\nAUROC", "global\nacc", "global\nAUROC", "MB\nsent"):
+    for col in (f"clients\n{acc}", "clients\nAUROC", f"global\n{acc}", "global\nAUROC", "MB\nsent"):
         out.add_column(col, justify="right", no_wrap=True)
     for row in table:
-        g = row["global"] or {}
+        c, g = row["clients"], row["global"] or {}
         label = row["method"] + (" (own)" if row.get("scored_with") == "personal" else "")
-        out.add_row(label, _short(row["clients"]["accuracy"]), _short(row["clients"]["auroc"]),
-                    _short(g.get("accuracy")), _short(g.get("auroc")), f"{row['megabytes']:.1f}")
+        out.add_row(label, _accuracy(c, cal), _short(c["auroc"]), _accuracy(g, cal), _short(g.get("auroc")),
+                    f"{row['megabytes']:.1f}")
     console = Console()
     console.print(out)
     console.print(note + " (own): a personalized method, scored with each client's own adapter.",

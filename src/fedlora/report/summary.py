@@ -15,6 +15,16 @@ import numpy as np
 from fedlora.jsonio import write_json
 
 METRICS = ("accuracy", "macro_f1", "auroc")
+CALIBRATED = ("ece", "accuracy_cal", "macro_f1_cal", "auroc_cal", "ece_cal", "accuracy_contextual",
+              "macro_f1_contextual", "accuracy_bias", "macro_f1_bias")
+"""Reported beside METRICS where rows carry them (fl/scoring.py): the raw expected calibration error
+of every LLM row, and with eval.calibration the calibrated scores ('both' adds its two parts)."""
+
+
+def reported(rows: dict | list[dict], prefix: str = "") -> tuple[str, ...]:
+    """METRICS, then the CALIBRATED names that a row (or any of `rows`) carries as `prefix + name`."""
+    rows = [rows] if isinstance(rows, dict) else rows
+    return METRICS + tuple(m for m in CALIBRATED if any(prefix + m in r for r in rows))
 
 
 def final_rows(rows: list[dict]) -> list[dict]:
@@ -43,8 +53,8 @@ def summarize(rows: list[dict], method: str, personalized: bool) -> dict:
         "method": method,
         "scored_on": "each client's own adapter" if personalized else "one global adapter",
         "rounds": max((r["round"] for r in rows), default=0),
-        "clients": {m: _stats([r[m] for r in clients]) for m in METRICS},
-        "global": {m: glob[0][m] for m in METRICS} if glob else None,
+        "clients": {m: _stats([r.get(m) for r in clients]) for m in reported(clients)},
+        "global": {m: glob[0][m] for m in reported(glob[0])} if glob else None,
         "bytes_up": int(sum(r.get("bytes_up", 0) for r in server)),
         "bytes_down": int(sum(r.get("bytes_down", 0) for r in server)),
     }
@@ -59,7 +69,8 @@ def _gossip_summary(clients: list[dict], server: list[dict]) -> dict:
         return {}
     last = server[-1]
     return {
-        "clients_on_global_test": {m: _stats([r.get(f"global_{m}") for r in clients]) for m in METRICS},
+        "clients_on_global_test": {m: _stats([r.get(f"global_{m}") for r in clients])
+                                   for m in reported(clients, "global_")},
         "rho": last["rho"],
         "disconnected_rounds": sum(1 for r in server if not r["connected"]),
         **{k: v for k, v in last.items() if k.startswith("consensus_")},
@@ -91,9 +102,10 @@ def comparison(per_seed: list[dict[str, list[dict]]]) -> list[dict]:
             "method": m,
             "scored_with": _scored_with(m),
             "seeds": len(per_seed),
-            "clients": {k: _stats([r[k] for r in clients]) for k in METRICS},
-            "global": ({k: _stats([r[f"global_{k}"] for r in on_global]) for k in METRICS} if on_global
-                       else {k: _stats([r[k] for r in glob]) for k in METRICS} if glob else None),
+            "clients": {k: _stats([r.get(k) for r in clients]) for k in reported(clients)},
+            "global": ({k: _stats([r.get(f"global_{k}") for r in on_global]) for k in reported(on_global, "global_")}
+                       if on_global else {k: _stats([r.get(k) for r in glob]) for k in reported(glob)} if glob
+                       else None),
             "megabytes": float(np.mean(traffic)) / 1e6,
         })
     return table
@@ -107,17 +119,31 @@ def format_stats(stats: dict | None) -> str:
     return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
 
+CALIBRATED_COLUMNS = (("acc cal", "accuracy_cal"), ("macro-F1 cal", "macro_f1_cal"), ("ECE", "ece"),
+                      ("ECE cal", "ece_cal"))
+"""Columns comparison_markdown adds, for clients and global, when some method was calibrated."""
+
+
+def calibrated(table: list[dict]) -> bool:
+    """Whether any method's row of `comparison` carries calibrated scores."""
+    return any((part or {}).get("accuracy_cal", {}).get("count", 0) for row in table
+               for part in (row["clients"], row["global"]))
+
+
 def comparison_markdown(table: list[dict]) -> str:
-    head = ("| method | scored with | client acc | client macro-F1 | client AUROC | global acc | global macro-F1 "
-            "| global AUROC | MB sent (up+down) |")
-    lines = [head, "|" + "---|" * 9]
+    """One line per method; with calibration on, calibrated accuracy / macro-F1 and ECE (raw, cal)
+    follow the raw columns for the clients and the global test."""
+    extra = CALIBRATED_COLUMNS if calibrated(table) else ()
+    names = (["method", "scored with", "client acc", "client macro-F1", "client AUROC",
+              *[f"client {c}" for c, _ in extra], "global acc", "global macro-F1", "global AUROC",
+              *[f"global {c}" for c, _ in extra], "MB sent (up+down)"])
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in table:
-        g = row["global"] or {}
-        lines.append(
-            f"| {row['method']} | {row['scored_with']} | {format_stats(row['clients']['accuracy'])} | {format_stats(row['clients']['macro_f1'])} "
-            f"| {format_stats(row['clients']['auroc'])} | {format_stats(g.get('accuracy'))} | {format_stats(g.get('macro_f1'))} "
-            f"| {format_stats(g.get('auroc'))} | {row['megabytes']:.2f} |"
-        )
+        c, g = row["clients"], row["global"] or {}
+        cells = [row["method"], row["scored_with"], *[format_stats(c.get(k)) for k in METRICS],
+                 *[format_stats(c.get(k)) for _, k in extra], *[format_stats(g.get(k)) for k in METRICS],
+                 *[format_stats(g.get(k)) for _, k in extra], f"{row['megabytes']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -131,6 +157,10 @@ def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet
             " client's own. global: the final global adapter on the held-out global test set"
             " (± std over seeds); personalized methods have none; decentralized methods (dec_*,"
             " tad_lora): each client's own adapter on the global test, ± std over clients and seeds.")
+    if calibrated(table):
+        note += (" cal: eval.calibration fitted on each client's own validation split (global test: "
+                 "eval.global_calibration), never on a test split; ECE: expected calibration error, "
+                 "10 confidence bins (docs/calibration.md).")
     (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + "\n", encoding="utf-8")
     from fedlora.report.plots import plot_comparison, plot_methods_by_round
 

@@ -111,7 +111,7 @@ def forward_logits(model, batch: dict[str, torch.Tensor], keep: int) -> torch.Te
     `use_cache=False`: no caller reads a KV cache from it, and building one costs about 10 % of a
     scoring forward here.
     """
-    with compute_context(model):
+    with compute_context(model, width=batch["input_ids"].shape[1]):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False).logits
     return logits[:, -keep:].float()

@@ -3,7 +3,8 @@
 `encode_rows` is the one way rows become prompts: the federation encodes its clients' splits
 with it (`fl/federation.py`) and Concordia its synthetic rows (`fl/concordia.py`), so both see
 the same prompt text, prompt style, system prompt and verbalizers. `row_labels` gives each row's
-class index, with a clear error for a label outside `table.classes`.
+class index, with a clear error for a label outside `table.classes`. `encode_content_free` encodes
+the content-free prompts of contextual calibration through the same path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import pandas as pd
 from fedlora.data.schema import Table, _label_text
 from fedlora.data.text import RowSerializer
 from fedlora.train.batches import EncodedExamples, encode_examples
+
+CONTENT_FREE_TOKENS = ("N/A", "[MASK]", "")
+"""The content-free inputs of Zhao et al. (arXiv 2101.09690): every feature value (or the text) set
+to one of these; the mean of their label probabilities estimates the model's prior per label word."""
 
 
 def _check_rows(table: Table, frame: pd.DataFrame, what: str, allow_empty: bool = False) -> None:
@@ -53,3 +58,13 @@ def encode_rows(tokenizer, serializer: RowSerializer, table: Table, frame: pd.Da
     cfg = serializer.cfg
     return encode_examples(tokenizer, serializer.prompts(frame), row_labels(table, frame),
                            serializer.verbalizers, max_length, cfg.prompt_style, cfg.system_prompt)
+
+
+def encode_content_free(tokenizer, table: Table, cfg, tokens: tuple[str, ...] = CONTENT_FREE_TOKENS) -> EncodedExamples:
+    """One content-free prompt per token (`RowSerializer.content_free_prompt`), encoded like real rows:
+    same question, prompt style, system prompt, max_length (`cfg`, a DataConfig) and verbalizers.
+    Labels are -1 (there are none). No row's values enter, so no fitted bins are needed."""
+    serializer = RowSerializer(table, cfg)
+    prompts = [serializer.content_free_prompt(t) for t in tokens]
+    return encode_examples(tokenizer, prompts, np.full(len(prompts), -1), serializer.verbalizers,
+                           cfg.max_length, cfg.prompt_style, cfg.system_prompt)
