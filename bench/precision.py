@@ -111,6 +111,23 @@ def summary_rows(runs: dict[str, list[dict]]) -> list[list[str]]:
     return rows
 
 
+def per_seed_speedups(runs: dict[str, list[dict]]) -> str:
+    """bf16's speed-up of a round within each seed (medians over rounds >= 2): the ratio that
+    survives the host's speed drifting between seeds, as it does on a shared VM."""
+    def wall(s: dict) -> float:
+        return statistics.median(r["wall"] for r in s["rounds"][1:] or s["rounds"])
+
+    def part(s: dict, key: str) -> float:
+        return statistics.median(r[key] for r in s["rounds"][1:] or s["rounds"])
+
+    rows = []
+    for seed, (a, b) in enumerate(zip(runs["fp32"], runs["bf16"])):
+        rows.append(f"seed {seed}: round {wall(a) / wall(b):.2f}x (train {part(a, 'train') / part(b, 'train'):.2f}x, "
+                    f"eval {part(a, 'eval') / part(b, 'eval'):.2f}x)")
+    ratios = sorted(wall(a) / wall(b) for a, b in zip(runs["fp32"], runs["bf16"]))
+    return f"bf16 speed-up within each seed: {'; '.join(rows)}; median {statistics.median(ratios):.2f}x."
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -156,6 +173,7 @@ def main() -> None:
             "overhead = wall - train - eval. Final global-test scores: mean ± std over seeds (values).\n\n"
             + markdown_table(["precision", "train s", "eval s", "overhead s", "round s", "speed-up",
                               "global AUROC", "global accuracy"], summary_rows(runs))
+            + "\n\n" + per_seed_speedups(runs)
             + "\n\nPhysical reference (seed 0): the simulator's train phase of a round against a plain PEFT loop "
               "doing the same steps (4 clients x 5 steps of batch 8) in the same precision, once with SDPA "
               "attention (a hand-written loop's default) and once with the attention the simulator uses (eager "
