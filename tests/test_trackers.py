@@ -111,3 +111,12 @@ def test_missing_package_names_the_extra_before_training(tmp_path, capsys, monke
     assert code == 2
     assert 'pip install "fedlora[trackers]"' in capsys.readouterr().err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run directory: nothing trained
+
+
+def test_round_scalars_average_calibrated_columns_over_clients():
+    rows = [{"client": 0, "round": 2, "accuracy": 0.5, "accuracy_cal": 0.75, "ece_cal": 0.1},
+            {"client": 1, "round": 2, "accuracy": 1.0, "accuracy_cal": 0.25, "ece_cal": 0.3}]
+    out = round_scalars(rows)
+    assert out["client_mean/accuracy_cal"] == pytest.approx(0.5)
+    assert out["client_mean/ece_cal"] == pytest.approx(0.2)
+    assert out["client_1/accuracy_cal"] == 0.25

@@ -36,7 +36,8 @@ from fedlora.config.validate import TRACKERS
 
 INSTALL = 'pip install "fedlora[trackers]"'
 _PACKAGE = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
-MEAN_METRICS = ("accuracy", "macro_f1", "auroc", "train_loss")
+MEAN_METRICS = ("accuracy", "macro_f1", "auroc", "train_loss", "ece", "accuracy_cal", "macro_f1_cal", "ece_cal")
+"""Averaged over the round's client rows as client_mean/<metric> (the calibrated ones when present)."""
 _SKIP = {"round", "client"}
 
 
