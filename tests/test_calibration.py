@@ -236,7 +236,7 @@ def test_tiny_run_with_both_reports_calibrated_columns(tmp_path):
 
 
 def test_no_calibration_keeps_the_table_and_adds_only_ece(tmp_path):
-    out = run(make_config("fl.rounds=1", output_dir=tmp_path), quiet=True)
+    out = run(make_config("fl.rounds=1", "eval.calibration=none", output_dir=tmp_path), quiet=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scored = [r for r in rows if "accuracy" in r]
     assert all("ece" in r and not any(k.endswith("_cal") for k in r) for r in scored)
