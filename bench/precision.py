@@ -9,7 +9,7 @@ one round against a plain PEFT loop written here without fedlora's training code
 same clients' rows, same steps and batch size, same precision), so the simulator's own cost is
 visible as ratio = plain / simulator (1.0: no cost).
 
-    python bench/precision.py --seeds 3 --write          # about 35 minutes on 2 idle cores
+    python bench/precision.py --seeds 3 --write          # about 21 minutes on 2 idle cores
 """
 
 from __future__ import annotations
