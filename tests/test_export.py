@@ -29,6 +29,9 @@ from fedlora.model import build_tiny_model, cache_dir
 from fedlora.model.export import UPSTREAM, base_model_id, export_merged, fold_mixing, svd_lora, write_peft
 from fedlora.model.lora import adapter_parameters, adapter_state, base_weights, load_adapter_state, set_base_weights
 from fedlora.model.mixing import attach_mixing, detach_mixing
+from fedlora.fl.cuma_setup import sync_cuma
+from fedlora.model.cuma import detach_cuma
+from fedlora.model.cuma_io import load_cuma
 
 ATOL = 1e-5
 MERGED_ATOL = 1e-4  # merged weights round W + s B A once in fp32, unlike the unmerged forward
@@ -36,6 +39,7 @@ MERGED_ATOL = 1e-4  # merged weights round W + s B A once in fp32, unlike the un
 FAST = ["fl.rounds=1", "train.lr=0.05", "train.local_steps=2", "eval.zero_shot=false", "eval.baseline=none"]
 CASES = {m: [] for m in available_methods()}
 CASES["fedtree"] = ["fl.rounds=2", "fl.method_args={mode: fixed, fixed_clusters: 2}"]  # mixed layers, trained lambdas
+CASES["cuma"] = ["cuma.use_profile=false"]  # semantic-only routing: the logits need no profile embedding
 CASES["flora_full_rank"] = ["fl.method=flora", "fl.method_args={export_rank: 64}"]  # SVD exact at full rank
 
 
@@ -75,6 +79,13 @@ def _folders(run_dir):
 def _fedlora_logits(fed, method, state, adapter: str, ids) -> torch.Tensor:
     """What fedlora's shared model computes with the run's final adapter `adapter` (restored after)."""
     model, server = fed.model, state.server
+    if getattr(method, "model_layer", None) == "cuma":
+        sync_cuma(fed, method, fed.cfg.seed)
+        try:
+            load_adapter_state(model, method.global_adapter(server))
+            return _logits(model, ids)
+        finally:
+            detach_cuma(model)
     delta = method.base_delta(server)
     if adapter == "global":
         backup = base_weights(model, sorted(delta)) if delta is not None else None
@@ -114,6 +125,11 @@ def test_saved_adapters_load_with_peft_and_give_fedlora_logits(saved, fed, case)
         info = json.loads((folder / "fedlora.json").read_text())
         if info.get("form") == "svd" and info["relative_error"] > 1e-6:
             continue  # truncated: checked against its stated error in test_flora_svd_error_is_the_stated_one
+        if info.get("form") == "cuma":  # experts and routers in CuMA's own format, never a PEFT folder
+            assert not (folder / "adapter_config.json").exists()
+            reloaded, _ = load_cuma(build_tiny_model(0)[0], folder)
+            torch.testing.assert_close(_logits(reloaded.eval(), ids), expected, atol=ATOL, rtol=0)
+            continue
         torch.testing.assert_close(_logits(_peft(folder), ids), expected, atol=ATOL, rtol=0)
 
 
@@ -182,6 +198,12 @@ def test_adapter_config_and_card_describe_the_run(saved, fed, case):
     values = {str(v) for v in fed.table.frame.drop(columns=[fed.table.target]).to_numpy().ravel()
               if "." in str(v) and len(str(v)) >= 4}  # the rows' feature values, e.g. '17.99' (not '0.0')
     for folder in _folders(run_dir):
+        card = (folder / "README.md").read_text()
+        if method.name == "cuma":
+            assert "load_cuma" in card and "PeftModel" not in card and "--merged" not in card
+            with pytest.raises(ValueError, match="CuMA mixture"):
+                export_merged(run_dir, run_dir / "merged", adapter=folder.name)
+            continue
         config = json.loads((folder / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == "fedlora:tiny"
         assert str(cache_dir()) not in json.dumps(config)

@@ -74,14 +74,17 @@ def test_only_adapter_tensors_change(runs, fed, method):
     if delta is not None:
         # Merging methods (flora) score W0 + delta with a zero adapter: the delta must have moved.
         assert delta and all(d.abs().max() > 0 for d in delta.values()), f"{method}: base delta never moved"
-    for adapter in kept:
+    for full in kept:
         # Mixing methods (fedtree) also carry a frozen external branch and lambdas; check the factors.
-        adapter = {k: v for k, v in adapter.items() if k.endswith(("lora_A", "lora_B"))}
+        adapter = {k: v for k, v in full.items() if k.endswith(("lora_A", "lora_B"))}
         assert set(adapter) == set(init)
         assert all(adapter[k].shape == init[k].shape for k in init)
         if delta is not None:
             continue
         stuck = [k for k in trained if torch.equal(adapter[k], init[k])]
+        if m.train_mask == "abc":  # CuMA: lora_B is expert 0 of N; a router may route no token to it in
+            # two short rounds, so a module's B counts as trained when any of its experts' B moved.
+            stuck = [k for k in stuck if not (k.endswith("lora_B") and full[k[:-6] + "cuma_B"].abs().sum() > 0)]
         assert not stuck, f"{method}: adapter tensors never trained: {stuck}"
         moved = [k for k in init if k not in trained and not torch.equal(adapter[k], init[k])]
         assert not moved, f"{method}: frozen adapter tensors changed: {moved}"

@@ -25,7 +25,7 @@ from fedlora.fl.federation import Federation, prepare
 from fedlora.fl.gossip import GossipSimulator
 from fedlora.fl.methods import build_method, method_class, method_options
 from fedlora.fl.preflight import preflight
-from fedlora.fl.scoring import Scorer
+from fedlora.fl.scoring import make_scorer
 from fedlora.jsonio import jsonl_lines
 from fedlora.jsonio import write_json as _write_json
 from fedlora.model.export import save_adapters
@@ -81,7 +81,7 @@ def zero_shot(fed: Federation) -> list[dict]:
     trained rows are (eval.calibration), so the comparison stays fair."""
     model = fed.model
     load_adapter_state(model, init_adapter_state(model, fed.cfg.seed))
-    scorer = Scorer(fed)
+    scorer = make_scorer(fed)  # a generation task: ROUGE, exact match, perplexity; no calibration
     cf = scorer.content_free_scores() if scorer.on else None  # one base model: scored once
     cals = [scorer.calibration_set(c.val, cf) for c in fed.clients]
     rows = [{"client": i, "split": "test", **scorer.metrics(c.test, cal)}
@@ -169,7 +169,11 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
     save_adapters(fed, method_obj, result.state, run_dir / "adapters", summary)
     from fedlora.report.plots import plot_rounds
 
-    plot_rounds((zero_shot_rows or []) + result.rows, run_dir / "plots", title=method)
+    if fed.table.kind == "generation":
+        plot_rounds((zero_shot_rows or []) + result.rows, run_dir / "plots", title=method,
+                    metrics=("rougeL", "exact_match", "perplexity", "train_loss"))
+    else:
+        plot_rounds((zero_shot_rows or []) + result.rows, run_dir / "plots", title=method)
     return result
 
 
@@ -191,7 +195,7 @@ def _references(fed: Federation) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
     if fed.cfg.eval.zero_shot:
         rows["zero-shot"] = zero_shot(fed)
-    if fed.cfg.eval.baseline != "none":
+    if fed.cfg.eval.baseline != "none" and fed.table.kind != "generation":  # a classifier needs labels
         rows[f"baseline-{fed.cfg.eval.baseline}"] = baseline(fed)
     return rows
 

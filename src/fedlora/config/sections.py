@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedlora.config.cuma import CumaConfig
+
 
 @dataclass
 class ModelConfig:
@@ -47,6 +49,18 @@ class LoraConfig:
 class DataConfig:
     source: str = "breast-cancer"
     """A built-in name ('breast-cancer', 'german-credit'), or a path to .csv, .parquet or .jsonl."""
+    task: str = "classification"
+    """'classification' (rows scored by label likelihood) or 'generation' (prompt -> free-form
+    response, scored by ROUGE, exact match and perplexity; data/generation.py, docs/data.md)."""
+    prompt_field: str = "prompt"
+    """task=generation: the field (JSONL key or CSV column) holding the prompt."""
+    response_field: str = "response"
+    """task=generation: the field holding the reference response (the training target)."""
+    system_field: str = "system"
+    """task=generation: an optional field with a per-record system message."""
+    messages_field: str = "messages"
+    """task=generation: an optional field with a chat as a list of {role, content}; its last
+    assistant turn is the response, the turns before it the prompt."""
     target: str | None = None
     """Target column; built-ins know theirs; required for user CSV/Parquet ('label' for JSONL)."""
     columns: list[str] | None = None
@@ -156,6 +170,10 @@ class EvalConfig:
     baseline: str = "logreg"
     """Classical baseline on the same client splits: 'logreg', 'gboost' or 'none'."""
     global_test: bool = True
+    max_new_tokens: int = 64
+    """data.task=generation: the most tokens greedy decoding writes per prompt."""
+    samples: int = 3
+    """data.task=generation: prompts per evaluated set whose generation goes to samples.jsonl."""
     calibration: str = "both"
     """Calibrated decisions beside the raw argmax (train/calibration.py, docs/calibration.md):
     default 'both' (it won on the clients' own test splits, docs/benchmarks.md), 'none', 'contextual' (content-free prompts, arXiv 2101.09690; no labels), 'bias' (inverse
@@ -329,6 +347,8 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     concordia: ConcordiaConfig = field(default_factory=ConcordiaConfig)
+    cuma: CumaConfig = field(default_factory=CumaConfig)
+    """CuMA's mixture of LoRA experts (config/cuma.py); used by fl.method=cuma."""
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 
+from fedlora.config.cuma import validate_cuma
 from fedlora.config.errors import ConfigError
 from fedlora.config.sections import RunConfig
 
@@ -24,6 +25,8 @@ CALIBRATIONS = ("none", "contextual", "bias", "both")
 """eval.calibration names (fedlora/train/calibration.py fits them)."""
 GLOBAL_CALIBRATIONS = ("pooled_val", "holdout")
 """eval.global_calibration names (fedlora/fl/scoring.py forms the calibration set)."""
+TASKS = ("classification", "generation")
+"""data.task names (fedlora/data/generation.py reads generation records)."""
 
 
 def validate(cfg: RunConfig) -> None:
@@ -56,6 +59,32 @@ def validate(cfg: RunConfig) -> None:
     _validate_robust(cfg)
     _validate_report(cfg)
     _validate_eval(cfg)
+    _validate_task(cfg)
+    validate_cuma(cfg.cuma, cfg.fl.method)
+
+
+def _validate_task(cfg: RunConfig) -> None:
+    """data.task, and the features that need class labels, which a generation task has none of.
+
+    Calibration and the classical baseline are label-only too, but they are skipped on a
+    generation task rather than refused (eval.calibration defaults to 'both')."""
+    if cfg.data.task not in TASKS:
+        close = difflib.get_close_matches(str(cfg.data.task).lower(), TASKS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"data.task: unknown value {cfg.data.task!r}{hint} (choose one of: {', '.join(TASKS)})")
+    if cfg.eval.max_new_tokens < 1 or cfg.eval.samples < 0:
+        raise ConfigError("eval.max_new_tokens must be >= 1 and eval.samples >= 0")
+    if cfg.data.task != "generation":
+        return
+    if cfg.fl.method == "cuma":
+        raise ConfigError("fl.method=cuma does not run on data.task=generation yet; pick another method "
+                          "(e.g. fl.method=fedit)")
+    label_only = [("robust.label_flip", cfg.robust.label_flip, "false (a free-form answer has no label to flip)"),
+                  ("concordia.enabled", cfg.concordia.enabled, "false (Concordia synthesizes table rows)"),
+                  ("data.shift_column", cfg.data.shift_column is not None, "null (it names a numeric table column)")]
+    for key, bad, fix in label_only:
+        if bad:
+            raise ConfigError(f"{key} does not apply to data.task=generation; set {key}={fix}")
 
 
 def _validate_eval(cfg: RunConfig) -> None:

@@ -200,6 +200,13 @@ def _check_duplicates(names: list[str], path: Path) -> None:
 
 def load_table(cfg: DataConfig, seed: int = 0) -> Table:
     """Load `cfg.source` (a built-in name or a .csv/.parquet/.jsonl path) as a clean Table."""
+    if cfg.task == "generation":  # prompt/response records, not a classification table
+        from fedlora.data.generation import load_generation_table
+
+        if _builtin_key(cfg.source) is not None:
+            raise DataError(f"data.source {cfg.source!r} is a classification table; with data.task=generation "
+                            "use a .jsonl/.csv of prompt and response fields, or the built-in 'german-credit-qa'")
+        return load_generation_table(cfg, seed)
     key = _builtin_key(cfg.source)
     if key is not None:
         meta = _BUILTINS[key]

@@ -30,20 +30,24 @@ import torch
 from fedlora.fl.checkpoint import save_checkpoint, state_fields
 from fedlora.fl.client_runtime import ClientRuntime
 from fedlora.fl.combine import RoundContext, download_reference
+from fedlora.fl.cuma_setup import sync_cuma
 from fedlora.fl.faults import RoundFaults, draw_faults, guarded
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import ClientUpdate, Method, build_method, method_options
 from fedlora.fl.payload import decode, encode
 from fedlora.fl.robust_round import flip_labels_of
-from fedlora.fl.scoring import Scorer
+from fedlora.fl.generation import write_samples
+from fedlora.fl.scoring import make_scorer
 from fedlora.fl.rules import ClientRule
 from fedlora.fl.server_runtime import ServerRuntime
 from fedlora.fl.state import RunResult, RunState
 from fedlora.fl.streams import Streams
 from fedlora.fl.timer import Timer
 from fedlora.model.lora import base_weights, init_adapter_state, load_adapter_state, set_base_weights
+from fedlora.model.cuma import detach_cuma
 from fedlora.model.mixing import attach_mixing, detach_mixing, mixed_layers
 from fedlora.train.batches import EncodedExamples
+from fedlora.train.gen_encode import GenerationExamples
 
 log = logging.getLogger("fedlora")
 
@@ -51,6 +55,8 @@ log = logging.getLogger("fedlora")
 def _pooled(fed: Federation) -> EncodedExamples:
     """Every client's training rows in one set (the centralized reference only)."""
     parts = [c.train for c in fed.clients]
+    if isinstance(parts[0], GenerationExamples):
+        return GenerationExamples.concat(parts)
     ids = [p for part in parts for p in part.prompt_ids]
     labels = np.concatenate([part.labels for part in parts])
     return EncodedExamples(ids, labels, parts[0].verbalizer_ids)
@@ -84,7 +90,9 @@ class Simulator:
         self.on_round, self.progress = on_round, progress
         self._base_backup: dict[str, torch.Tensor] | None = None  # W0 of merged layers, during a round
         self.train_sets = [_pooled(fed)] if self.method.pooled else [c.train for c in fed.clients]
-        initial = init_adapter_state(fed.model, self.seed)
+        # CuMA's experts and routers join the initial adapter (fl/cuma_setup.py; {} for other methods).
+        self._layer_initial = sync_cuma(fed, self.method, self.seed)
+        initial = {**init_adapter_state(fed.model, self.seed), **self._layer_initial}
         # A client's declared data size caps the example count it may report (its training rows now:
         # a rule such as Concordia replaces them each round).
         self.server = ServerRuntime(self.cfg, self.method, initial, len(self.train_sets), self.seed,
@@ -108,7 +116,7 @@ class Simulator:
 
     # --- set-up ----------------------------------------------------------------------------
     def initial_state(self) -> RunState:
-        initial = init_adapter_state(self.fed.model, self.seed)
+        initial = {**init_adapter_state(self.fed.model, self.seed), **self._layer_initial}
         n = len(self.train_sets)
         state = RunState(
             server=self.method.init_server(initial),
@@ -163,7 +171,7 @@ class Simulator:
         own validation split (eval.calibration); the global adapter on the global and shifted tests,
         calibrated on `Scorer.global_set` (eval.global_calibration)."""
         fed, method, model = self.fed, self.method, self.fed.model
-        scorer = Scorer(fed)
+        scorer = make_scorer(fed)
         rows, under_global = [], []
         with timer("eval"):
             global_adapter = method.global_adapter(state.server)
@@ -183,6 +191,7 @@ class Simulator:
                 cal = scorer.global_set(under_global)
                 for name, split, data in extra:
                     rows.append({"client": name, "split": split, **scorer.metrics(data, cal)})
+        self.samples = scorer.samples  # a generation task's sample answers (the latest evaluation)
         return rows
 
     # --- one round ----------------------------------------------------------------------------
@@ -274,6 +283,7 @@ class Simulator:
 
     def run(self, state: RunState | None = None, rows: list[dict] | None = None) -> RunResult:
         """Rounds until fl.rounds; from `state` and its `rows` so far when resuming a checkpoint."""
+        sync_cuma(self.fed, self.method, self.seed, fresh=False)  # re-attached if a run removed it
         state = state or self.initial_state()
         result = RunResult(self.method.name, self.method.personalized, rows=list(rows or []), state=state)
         dp = self.server.dp
@@ -289,6 +299,7 @@ class Simulator:
                     self.save_checkpoint(state, result.rows)
         finally:
             detach_mixing(self.fed.model)  # the shared model is plain PEFT again for what comes next
+            detach_cuma(self.fed.model)
         return result
 
     # --- what the run reports ------------------------------------------------------------------
@@ -302,8 +313,14 @@ class Simulator:
         return {} if dp is None else dp.summary(state.dp, stopped_early=state.round < self.cfg.fl.rounds)
 
     def save_extras(self, result: RunResult, folder: Path) -> list[Path]:
-        """Files the client rule adds to the run directory after the run (Concordia: table quality)."""
-        return self.rule.save_extras(result, folder)
+        """Files the client rule adds to the run directory after the run (Concordia: table quality), and
+        on a generation task samples.jsonl: the last evaluation's sample answers."""
+        paths = self.rule.save_extras(result, folder)
+        if getattr(self, "samples", None):
+            path = Path(folder) / "samples.jsonl"
+            write_samples(path, self.samples, method=self.method.name, round=result.state.round)
+            paths = [*paths, path]
+        return paths
 
     def save_checkpoint(self, state: RunState, rows: list[dict]) -> Path:
         """The state after `state.round`, the rows so far, and what wrote them (checked on resume)."""

@@ -73,11 +73,15 @@ def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = No
     # The table and partition first: a DataError shows before minutes of model loading.
     table = table if table is not None else load_table(cfg.data, seed=cfg.seed)
     partition = make_partition(table, cfg.partition, cfg.data, seed=cfg.seed)
-    holdout_needed = _check_holdout(cfg, partition)
+    holdout_needed = table.kind != "generation" and _check_holdout(cfg, partition)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model)
     if not hasattr(model, "peft_config"):
         model = wrap_lora(model, cfg.lora, seed=cfg.seed)
+    if table.kind == "generation":  # prompt -> response records (fl/generation.py)
+        from fedlora.fl.generation import prepare_generation
+
+        return prepare_generation(cfg, model, tokenizer, table, partition)
     rng = np.random.default_rng([cfg.seed, 7])
     cap = cfg.eval.max_examples
     clients = []

@@ -47,7 +47,7 @@ from fedlora.fl.federation import Federation
 from fedlora.fl.methods.base import Method, TensorDict
 from fedlora.fl.payload import PayloadError, encode, spec_of
 from fedlora.fl.schema import PayloadSchema
-from fedlora.fl.scoring import Scorer
+from fedlora.fl.scoring import make_scorer
 from fedlora.fl.timer import Timer
 from fedlora.fl.topology import Topology, num_components
 from fedlora.model.lora import load_adapter_state
@@ -219,7 +219,7 @@ class GossipSimulator(Simulator):
         global test too; with 'holdout', on the global holdout under that adapter."""
         fed, model = self.fed, self.fed.model
         on_global = self.cfg.eval.global_test and len(fed.global_test) > 0
-        scorer = Scorer(fed)
+        scorer = make_scorer(fed)
         rows, scores = [], []
         with timer("eval"):
             for cid, client in enumerate(fed.clients):
@@ -231,6 +231,7 @@ class GossipSimulator(Simulator):
                     scores.append(scorer.metrics(fed.global_test, cal))
                     row.update({f"global_{m}": scores[-1][m] for m in reported(scores[-1])})
                 rows.append(row)
+        self.samples = scorer.samples  # a generation task's sample answers (the latest evaluation)
         if scores:
             table = {m: np.asarray([s[m] for s in scores], dtype=float) for m in reported(scores[0])}
             mean = {m: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan") for m, v in table.items()}

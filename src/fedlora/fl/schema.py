@@ -4,6 +4,10 @@ bounds of its metadata. The simulator, gossip and the Flower server validate wit
     schema = upload_schema(method, initial_adapter, cid, side_channels=rule.side_channels)
     update = schema.receive(blob, round_index=r, sender=cid, max_examples=cap)   # or PayloadError
 
+The schema also bounds what a sender can make the receiver parse: a payload over `max_bytes` (the
+tensors' bytes plus a small header allowance, fl/payload.py `payload_cap`) is refused on its length,
+and one whose header declares other tensors is refused before any tensor is read.
+
 - Tensors: the method's upload for an adapter of the model's shape (`method.upload` of the
   initial adapter), so a sender can never add, drop or reshape a tensor.
 - Side channels: named groups of extra tensors (Concordia's utility scorer, `scorer.*`), each
@@ -16,13 +20,14 @@ bounds of its metadata. The simulator, gossip and the Flower server validate wit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from fedlora.fl.methods import ClientUpdate, Method
-from fedlora.fl.payload import PayloadError, check_spec, decode, spec_of
+from fedlora.fl.payload import PayloadError, decode, payload_cap, spec_of
 from fedlora.model.lora import zero_pad_rank
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -60,22 +65,30 @@ class PayloadSchema:
     side_channels: tuple[SideChannel, ...] = ()
     """A payload may omit a side channel (e.g. before its first scorer exists, or an attacker's)."""
 
-    def expected(self, tensors: Mapping[str, torch.Tensor]) -> Spec:
-        """The spec this payload must match: the method's tensors plus every channel it carries."""
+    def expected(self, names: Iterable[str]) -> Spec:
+        """The spec a payload declaring tensors `names` must match: the method's tensors plus every
+        channel it carries."""
+        names = list(names)
         out = dict(self.tensors)
         for channel in self.side_channels:
-            if any(k.startswith(channel.prefix) for k in tensors):
+            if any(k.startswith(channel.prefix) for k in names):
                 out.update({channel.prefix + k: v for k, v in channel.spec.items()})
         return out
+
+    @cached_property
+    def max_bytes(self) -> int:
+        """The size cap: every tensor this schema allows (all side channels present), plus header room."""
+        every = dict(self.tensors)
+        for channel in self.side_channels:
+            every.update({channel.prefix + k: v for k, v in channel.spec.items()})
+        return payload_cap(every)
 
     def decode(self, blob: bytes, *, round_index: int | None, sender: int | None,
                max_examples: int) -> tuple[dict[str, torch.Tensor], int]:
         """(tensors, example count) of a valid payload; PayloadError naming the problem otherwise."""
-        tensors, meta = decode(blob, expected=None, expected_round=round_index, expected_sender=sender,
-                               require_meta=("num_examples",))
-        count = check_count(meta["num_examples"], max_examples)
-        check_spec(tensors, self.expected(tensors))
-        return tensors, count
+        tensors, meta = decode(blob, expected=self.expected, max_bytes=self.max_bytes, expected_round=round_index,
+                               expected_sender=sender, require_meta=("num_examples",))
+        return tensors, check_count(meta["num_examples"], max_examples)
 
     def receive(self, blob: bytes, *, round_index: int | None, sender: int,
                 max_examples: int) -> ClientUpdate:

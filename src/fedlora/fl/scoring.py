@@ -54,8 +54,19 @@ def fit_all(kind: str, cal: CalibrationSet | None) -> dict[str, calibration.Cali
     return {name: calibration.fit(name, cal.scores, cal.labels, cal.content_free) for name in names}
 
 
+def make_scorer(fed):
+    """The scorer of `fed`'s task: a `Scorer` for a table, a `GenerationScorer` (fl/generation.py)
+    for generation records; both are used through the same calls."""
+    from fedlora.fl.generation import GenerationScorer, is_generation
+
+    return GenerationScorer(fed) if is_generation(fed) else Scorer(fed)
+
+
 class Scorer:
     """Scores sets with whatever adapter `fed.model` holds, and turns test scores into metric rows."""
+
+    samples: list[dict] | None = None
+    """Generations kept for samples.jsonl (a GenerationScorer's; none here)."""
 
     def __init__(self, fed):
         self.fed, self.kind = fed, fed.cfg.eval.calibration

@@ -5,7 +5,9 @@ ClientApp hands each message to this process's `Node`. Message types used:
   query     server -> every node: which partition are you, how many training rows?
   train     server -> sampled nodes: the method's download; reply: the method's upload
   evaluate  server -> every node: the adapter to score; reply: test metrics (JSON)
-All tensors travel as fedlora's safetensors bytes (`wire.py`), validated on receipt.
+All tensors travel as fedlora's safetensors bytes (`wire.py`), validated on receipt. A node is
+its Flower node id plus the partition it claims in its first reply (`intake.Claims`: range and
+uniqueness checked); a bad claim or reply is rejected and counted, never raised (docs/flower.md).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.flower.config import MIN_NODES_KEY, OUTPUT_KEY, TIMEOUT_KEY, run_config_of
 from fedlora.flower.coordinator import Coordinator, merge_round_rows
+from fedlora.flower.intake import Claims
 from fedlora.flower.node import node_for
-from fedlora.flower.wire import RECORD
 
 log = logging.getLogger("fedlora")
 
@@ -115,20 +117,19 @@ def _wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
     return nodes
 
 
-def _claims(replies: dict[int, RecordDict]) -> dict[int, int]:
-    """client id -> node id from replies that say `partition-id`; one node per id."""
-    node_of: dict[int, int] = {}
+def _claims(coord: Coordinator, replies: dict[int, RecordDict]) -> dict[int, int]:
+    """client id -> node id from the replies' `partition-id` claims (in arrival order: the first
+    node to claim an id holds it). Bad claims go to the coordinator, counted in round 1's row."""
+    claims = Claims(coord.num_clients)
     for node, content in replies.items():
-        cid = int(content[RECORD]["partition-id"])
-        if cid in node_of:
-            raise RuntimeError(f"two SuperNodes claim partition-id={cid}; each id must be held by one node")
-        node_of[cid] = node
-    return node_of
+        claims.add(node, content)
+    coord.node_rejections += claims.rejected
+    return claims.node_of
 
 
-def _discover(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
+def _discover(grid: Grid, coord: Coordinator, nodes: list[int], timeout: float) -> dict[int, int]:
     """client id -> Flower node id, by asking every connected node which partition it holds."""
-    return _claims(_by_node(grid, {node: RecordDict() for node in nodes}, MessageType.QUERY, "0", timeout))
+    return _claims(coord, _by_node(grid, {node: RecordDict() for node in nodes}, MessageType.QUERY, "0", timeout))
 
 
 Exchange = Callable[[dict[int, RecordDict], str, str], dict[int, RecordDict]]
@@ -153,10 +154,12 @@ def drive(coord: Coordinator, node_of: dict[int, int], exchange: Exchange,
         if coord.evaluate_now(r):
             scored = exchange({cid: coord.evaluate_content(cid) for cid in sorted(node_of)},
                               MessageType.EVALUATE, str(r))
-            eval_rows = [coord.eval_row(cid, scored[cid]) for cid in sorted(scored)]
-        train_rows[-1]["time_flower_round"] = round(time.perf_counter() - started, 4)
+            eval_rows = coord.absorb_eval(scored, train_rows[-1])
+        server = train_rows[-1]
+        server["time_flower_round"] = round(time.perf_counter() - started, 4)
         coord.rows += merge_round_rows(train_rows, eval_rows, r, coord.method.name)
-        log.info("fedlora round %d/%d: %d of %d updates, %.2f s", r, rounds, len(replies), len(sampled),
+        log.info("fedlora round %d/%d: %d of %d updates, %d rejected%s, %.2f s", r, rounds, server["replies"],
+                 len(sampled), server["num_rejected"], " (skipped)" if server["skipped"] else "",
                  time.perf_counter() - started)
     return coord
 
@@ -178,10 +181,10 @@ def run(grid: Grid, run_config) -> Coordinator:
     first, started = None, time.perf_counter()
     if broadcast is not None:
         replies = _by_node(grid, {node: broadcast for node in nodes}, MessageType.TRAIN, "1", timeout)
-        node_of = _claims(replies)
+        node_of = _claims(coord, replies)
         first = {cid: replies[node] for cid, node in node_of.items()}
     else:
-        node_of = _discover(grid, nodes, timeout)
+        node_of = _discover(grid, coord, nodes, timeout)
     absent = sorted(set(range(n)) - set(node_of))
     if absent:
         log.warning("no SuperNode answered for partitions %s; they count as dropped when sampled", absent)

@@ -5,11 +5,14 @@ ServerApp over a real Grid or called directly in a test. Sampling, validation on
 method's payload schema, with example counts capped at `fl.max_examples`), the combine chain
 (robust rules, DP, ...) and the server row are the simulator's own `ServerRuntime`
 (fl/server_runtime.py), used through its public methods; the Grid is only the transport.
+
+Every reply is untrusted: no reply can raise out of a round. A bad one is rejected with a reason
+code (flower/intake.py, fl/payload.py), counted in the round's server row (`num_rejected`,
+`reject_reasons`), and the round goes on with the others, or is skipped by `fl.min_replies`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,10 +23,12 @@ from fedlora.config import RunConfig
 from fedlora.fl.combine import RoundContext
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import build_method, method_options
-from fedlora.fl.payload import encode
+from fedlora.fl.payload import PayloadError, encode
 from fedlora.fl.server_runtime import ServerRuntime
 from fedlora.fl.state import RunState
 from fedlora.fl.timer import Timer
+from fedlora.flower.intake import (base_version_of, check_identity, informative, merge_rejections, metrics_of,
+                                   record_of, seconds)
 from fedlora.flower.node import check_supported
 from fedlora.flower.wire import RECORD, blob_of, pack
 from fedlora.jsonio import jsonl_lines
@@ -60,6 +65,9 @@ class Coordinator:
         self.moves_base = self.method.overrides("base_delta")
         self.base_version = 0
         self.node_base = dict.fromkeys(range(cfg.partition.num_clients), 0)
+        self.node_rejections: list[tuple[int, str]] = []
+        """(Flower node id, reason) of replies rejected before they could be tied to a client (bad
+        partition-id claims); counted in the next round's server row."""
 
     @property
     def num_clients(self) -> int:
@@ -94,8 +102,10 @@ class Coordinator:
         return fields
 
     def _note_base(self, cid: int, record) -> None:
-        if self.moves_base and "base-version" in record:
-            self.node_base[cid] = int(record["base-version"])
+        if self.moves_base:
+            version = base_version_of(record, self.base_version)
+            if version is not None:
+                self.node_base[cid] = version
 
     def broadcast_content(self, round_index: int) -> RecordDict | None:
         """One message for every client, when this round samples all of them and every client's
@@ -108,19 +118,14 @@ class Coordinator:
         return contents[0]
 
     def absorb_train(self, round_index: int, sampled: list[int], replies: dict[int, RecordDict]) -> list[dict]:
-        """Validate each reply with the method's payload schema (`ServerRuntime.receive`: size, names,
-        shapes, dtype, finite values, round, sender, example count), combine, return the round's rows.
-        A sampled client with no reply (node gone, timed out, or its ClientApp failed) is 'dropped'."""
-        timer, updates, rows = Timer(), [], []
+        """Validate each reply (`_receive`), combine, return the round's rows. A sampled client with no
+        reply (node gone, timed out, or its ClientApp failed) is 'dropped'."""
+        timer, updates, rows, accepted = Timer(), [], [], []
         for cid in sorted(replies):  # the simulator's order: the float sums match bitwise
-            rec = replies[cid][RECORD]
-            self._note_base(cid, rec)
-            # Scalars beside the payload are informative only; a reply without them still counts.
-            row = {"client": cid, "train_loss": rec.get("train-loss", float("nan")),
-                   "local_steps": rec.get("local-steps", 0), "bytes_down": rec.get("bytes-down", 0)}
-            update, row = self.server.receive(cid, blob_of(rec), 0, row, timer, round_index)
+            update, row = self._receive(round_index, cid, replies[cid], timer)
             if update is not None:
                 updates.append(update)
+                accepted.append(replies[cid][RECORD])
             rows.append(row)
         ctx = RoundContext(round_index, self.state.server, self.method, self.server.streams, timer, sampled, rows)
         skip = self.server.combine_round(self.state, updates, ctx)
@@ -129,14 +134,38 @@ class Coordinator:
         self.state.round = round_index
         server = self.server.server_row(self.state, sampled, rows, ctx, skip)
         server["dropped"] = [cid for cid in sampled if cid not in replies]
+        merge_rejections(server, "rejected_nodes", self.node_rejections)
+        self.node_rejections = []
         # Node-side seconds (slowest node): local training; preparing model and data in the
         # ClientApp process (per message under Flower's subprocess isolation; 0 when reused); the
         # process's age when the message reached fedlora (imports and Flower's start-up).
         for key, name in (("train-seconds", "time_node_train"), ("prepare-seconds", "time_node_prepare"),
                           ("process-seconds", "time_node_process")):
-            timer.seconds[name[5:]] = max((float(r[RECORD].get(key, 0.0)) for r in replies.values()), default=0.0)
+            timer.seconds[name[5:]] = max((seconds(rec, key) for rec in accepted), default=0.0)
         rows.append({**server, **timer.row()})
         return rows
+
+    def _receive(self, round_index: int, cid: int, content: RecordDict, timer) -> tuple:
+        """(update or None, the client's row). The reply's record, its claim and base version are
+        checked here (flower/intake.py), then the payload with the method's schema
+        (`ServerRuntime.receive`: size cap from the schema, declared names, shapes and dtypes before
+        any tensor is read, metadata, round, sender, example count in [1, fl.max_examples], finite)."""
+        row: dict = {"client": cid}
+        try:
+            record = record_of(content)
+            # Scalars beside the payload are informative only; a reply without them still counts.
+            row.update(informative(record))
+            check_identity(record, cid, self.num_clients)
+            self._note_base(cid, record)
+            return self.server.receive(cid, blob_of(record), 0, row, timer, round_index)
+        except PayloadError as exc:
+            reason = exc.reason
+            log.warning("round %s: reply from client %s rejected: %s", round_index, cid, exc)
+        except Exception:  # a bug in validation must not let one node's bytes end everyone's run
+            reason = "error"
+            log.exception("round %s: validating the reply from client %s failed", round_index, cid)
+        row.update({"rejected": True, "reject_reason": reason})
+        return None, row
 
     # --- evaluate --------------------------------------------------------------------------
     def evaluate_content(self, cid: int) -> RecordDict:
@@ -146,9 +175,21 @@ class Coordinator:
                    else self.method.global_adapter(self.state.server))
         return RecordDict({RECORD: pack(adapter, **self._base_fields(cid, False))})
 
-    def eval_row(self, cid: int, reply: RecordDict) -> dict:
-        self._note_base(cid, reply[RECORD])
-        return {"client": cid, "split": "test", **json.loads(reply[RECORD]["metrics"])}
+    def absorb_eval(self, scored: dict[int, RecordDict], server_row: dict) -> list[dict]:
+        """The test rows of the evaluate replies that pass (flower/intake.py); the others are listed
+        in the round's server row as `eval_rejected` and counted in `num_rejected` and `reject_reasons`."""
+        rows, rejected = [], []
+        for cid in sorted(scored):
+            try:
+                record = record_of(scored[cid])
+                check_identity(record, cid, self.num_clients)
+                self._note_base(cid, record)
+                rows.append({"client": cid, "split": "test", **metrics_of(record)})
+            except PayloadError as exc:
+                log.warning("evaluate: reply from client %s rejected: %s", cid, exc)
+                rejected.append((cid, exc.reason))
+        merge_rejections(server_row, "eval_rejected", rejected)
+        return rows
 
     # --- outputs ---------------------------------------------------------------------------
     def save(self, folder: Path) -> None:

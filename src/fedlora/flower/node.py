@@ -229,6 +229,10 @@ def check_supported(cfg: RunConfig, method) -> None:
         problems.append("train.optimizer_state=keep (optimizer state is not kept on the node yet)")
     if cfg.robust.byzantine > 0 or cfg.robust.momentum is not None:
         problems.append("robust.byzantine / robust.momentum (simulated attackers and worker momentum)")
+    if getattr(method, "model_layer", None) == "cuma":
+        problems.append("'cuma' (the node does not attach CuMA's experts and routers yet; run it in the simulator)")
+    if cfg.data.task == "generation":
+        problems.append("data.task=generation (the node scores label likelihoods only; run it in the simulator)")
     if problems:
         raise ValueError("not supported under Flower: " + "; ".join(problems))
 

@@ -37,7 +37,7 @@ def pack(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object] | None 
 def blob_of(record: ConfigRecord) -> bytes:
     blob = record.get(PAYLOAD)
     if not isinstance(blob, (bytes, bytearray)):
-        raise PayloadError(f"message has no {PAYLOAD!r} bytes (got {type(blob).__name__})")
+        raise PayloadError(f"message has no {PAYLOAD!r} bytes (got {type(blob).__name__})", "no_payload")
     return bytes(blob)
 
 

@@ -83,6 +83,13 @@ def _base_note(info: dict) -> str:
 
 def _load_snippet(info: dict, folder: str) -> list[str]:
     base = info["base_model"]
+    if info.get("form") == "cuma":
+        return ["```python", "from fedlora.model import load_model", "from fedlora.config import ModelConfig",
+                "from fedlora.model.cuma_io import load_cuma",
+                f'base, tok = load_model(ModelConfig(name="{info["fedlora_model"]}"))',
+                f'model, profiles = load_cuma(base, "{folder}")', "```",
+                "", "Before a forward, give each input's profile embedding with "
+                "`fedlora.model.cuma.set_profile(model, z)` (docs/cuma.md)."]
     if base.startswith(BUILTIN):
         build = "build_tiny_lm()" if base.endswith("tiny-lm") else "build_tiny_model(seed=0)"
         head = [f"from fedlora.model import {build.split('(')[0]}", f"base, tok = {build}"]
@@ -107,6 +114,12 @@ def _form_lines(info: dict) -> list[str]:
                 f"SVD at rank {info['rank']} (option `fl.method_args.export_rank`, default `lora.r`), with "
                 f"relative Frobenius error ||D - BA|| / ||D|| = {info['relative_error']:.2e} over all layers "
                 "(per layer in `fedlora.json`)."]
+    if form == "cuma":
+        c = info.get("cuma", {})
+        return [f"A CuMA mixture of LoRA experts (arXiv 2601.04885): per adapted module {c.get('experts', '?')} "
+                "experts routed per token on the hidden state and the input's profile embedding. It is not a "
+                "PEFT adapter (PEFT holds one LoRA per module): `cuma_adapter.safetensors` holds every expert "
+                "and router, `cuma_config.json` the layer's config (fedlora's docs/cuma.md)."]
     if form == "folded":
         return [f"FedTreeLoRA mixes this client's cluster expert with a frozen external expert on "
                 f"{len(info['mixed_modules'])} module(s). The mixture is folded exactly into plain LoRA factors: "
@@ -153,11 +166,13 @@ def _body(info: dict) -> list[str]:
 def adapter_card(info: dict) -> str:
     """The README.md of one adapter folder, from its fedlora.json."""
     folder = f"adapters/{info['adapter']}"
-    lines = [*_header(info, "peft"), f"# fedlora {info['method']} LoRA adapter ({info['adapter']})", "",
+    library = "fedlora" if info.get("form") == "cuma" else "peft"
+    lines = [*_header(info, library), f"# fedlora {info['method']} LoRA adapter ({info['adapter']})", "",
              *_body(info), "## This adapter", "", *_form_lines(info), "", "## Inputs and scoring", "", *_use_lines(info), "",
-             "## How to load", "", *_load_snippet(info, folder), "",
-             f"A merged model folder that plain transformers loads: "
-             f"`fedlora export RUN_DIR --merged OUT --adapter {info['adapter']}`.", ""]
+             "## How to load", "", *_load_snippet(info, folder), ""]
+    if info.get("form") != "cuma":  # a mixture routed per input has no merged form
+        lines += [f"A merged model folder that plain transformers loads: "
+                  f"`fedlora export RUN_DIR --merged OUT --adapter {info['adapter']}`.", ""]
     return "\n".join(lines)
 
 

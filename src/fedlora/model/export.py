@@ -154,7 +154,9 @@ def save_adapters(fed, method, state, folder: Path, summary: dict | None = None)
     written: list[tuple[Path, dict]] = []
     delta = method.base_delta(state.server)
     global_adapter = None if delta is not None else method.global_adapter(state.server)
-    if delta is not None:
+    if getattr(method, "model_layer", None) == "cuma":
+        written = _cuma_folders(fed, method, state, folder, global_adapter, base_id)
+    elif delta is not None:
         out = folder / "global"
         write_delta(out, delta, cfg.lora.alpha / cfg.lora.r, cfg.model.name)
         factors, k, errors = svd_lora(delta, int(method.options.get("export_rank") or cfg.lora.r))
@@ -180,6 +182,23 @@ def save_adapters(fed, method, state, folder: Path, summary: dict | None = None)
         write_info(out, info)
         (out / "README.md").write_text(adapter_card(info), encoding="utf-8")
     return [out for out, _ in written]
+
+
+def _cuma_folders(fed, method, state, folder: Path, global_adapter, base_id: str) -> list[tuple[Path, dict]]:
+    """CuMA's experts and routers in its own format (model/cuma_io.py), never a PEFT folder: PEFT holds
+    one LoRA per module, and expert 0 alone is not the trained mixture."""
+    from fedlora.model.cuma_io import write_cuma
+
+    cfg = fed.cfg
+    d_z = fed.model.get_base_model().config.hidden_size  # the built-in profile encoder's width
+    if global_adapter is not None and not method.personalized:
+        adapters = {"global": global_adapter}
+    else:
+        adapters = {f"client_{cid}": method.personal_adapter(state.server, c) for cid, c in enumerate(state.clients)}
+    extra = {"form": "cuma", "cuma": {"experts": cfg.cuma.experts, "top_k": cfg.cuma.top_k,
+                                      "routing": cfg.cuma.routing, "use_profile": cfg.cuma.use_profile}}
+    return [(write_cuma(folder / name, adapter, cfg.lora, cfg.cuma, d_z, base_id), {"adapter": name, **extra})
+            for name, adapter in adapters.items()]
 
 
 # --- merged models ----------------------------------------------------------------------------
@@ -209,6 +228,9 @@ def merged_model(folder: Path, device: str = "cpu"):
     from fedlora.model.load import load_model
 
     info = json.loads((folder / "fedlora.json").read_text(encoding="utf-8"))
+    if info.get("form") == "cuma":
+        raise ValueError(f"{folder} is a CuMA mixture: its routing depends on each input, so it has no merged "
+                         "form; load it with fedlora.model.cuma_io.load_cuma (docs/cuma.md)")
     model, tok = load_model(ModelConfig(name=info["fedlora_model"], device=device, dtype="float32"))
     if (folder / "base_delta.safetensors").is_file():
         params = dict(model.named_parameters())

@@ -27,8 +27,9 @@ from peft.tuners.lora import LoraLayer
 from fedlora.config import LoraConfig
 
 AdapterState = dict[str, torch.Tensor]
-TRAIN_MASKS = ("ab", "a", "b", "abm", "none")
+TRAIN_MASKS = ("ab", "a", "b", "abm", "abc", "none")
 _MIXING = (".mix_ext_A", ".mix_ext_B", ".mix_logit")
+_CUMA = "cuma_"  # CuMA's extra experts, routers and projection (model/cuma.py)
 
 _PREFIX = "base_model.model."
 _ADAPTER = "default"
@@ -38,19 +39,22 @@ def _short_name(param_name: str) -> str | None:
     """'base_model.model.x.q_proj.lora_A.default.weight' -> 'x.q_proj.lora_A' (None if not adapter).
 
     The mixing layer's tensors (`model/mixing.py`: 'x.q_proj.mix_ext_A', 'x.q_proj.mix_ext_B',
-    'model.layers.3.mix_logit') are adapter tensors too while it is attached.
+    'model.layers.3.mix_logit') are adapter tensors too while it is attached, and so are CuMA's
+    (`model/cuma.py`: 'x.q_proj.cuma_B', 'model.layers.0.self_attn.cuma_router_q_k_v.mlp.1.weight').
     """
     for factor in ("lora_A", "lora_B"):
         suffix = f".{factor}.{_ADAPTER}.weight"
         if param_name.endswith(suffix):
             return param_name[len(_PREFIX) : -len(suffix)] + "." + factor
-    if param_name.startswith(_PREFIX) and param_name.endswith(_MIXING):
+    if param_name.startswith(_PREFIX) and (param_name.endswith(_MIXING) or _CUMA in param_name):
         return param_name[len(_PREFIX) :]
     return None
 
 
 def _kind(name: str) -> str:
-    """'a', 'b' (LoRA factors), 'm' (mixing weight) or 'x' (frozen external branch)."""
+    """'a', 'b' (LoRA factors), 'c' (CuMA experts/routers), 'm' (mixing weight) or 'x' (frozen external branch)."""
+    if _CUMA in name:
+        return "c"
     if name.endswith("lora_A"):
         return "a"
     if name.endswith("lora_B"):
@@ -123,7 +127,7 @@ def load_adapter_state(model: PeftModel, state: AdapterState, strict: bool = Tru
 
 def set_trainable(model: PeftModel, mask: str = "ab") -> list[torch.nn.Parameter]:
     """Make only the chosen LoRA factors trainable: 'ab', 'a' (A only), 'b' (B only), 'abm' (A, B
-    and the mixing weights of `model/mixing.py`) or 'none'.
+    and the mixing weights of `model/mixing.py`), 'abc' (A, B and CuMA's experts and routers) or 'none'.
 
     Base weights and a mixing layer's external branch are never trainable. Returns the trainable
     parameters in stable order.

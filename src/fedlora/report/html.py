@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fedlora.report import charts
-from fedlora.report.summary import CALIBRATED_COLUMNS, METRICS, calibrated
+from fedlora.report.summary import CALIBRATED_COLUMNS, METRICS, calibrated, generative
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -156,6 +156,10 @@ def _sub_runs(run_dir: Path) -> list[Path]:
 
 def _scores_section(run_dir: Path, per_seed: list) -> str:
     table = _read_json(run_dir / "comparison.json")
+    if table and generative(table):  # ROUGE, exact match and sample answers (report/gen_html.py)
+        from fedlora.report.gen_html import generation_parts
+
+        return _section("Scores", generation_parts(run_dir, table, per_seed, _sub_runs(run_dir)))
     parts = []
     if table:
         extra = CALIBRATED_COLUMNS if calibrated(table) else ()  # eval.calibration on

@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-BOUNDED = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "auroc": (0.0, 1.0)}
+BOUNDED = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "auroc": (0.0, 1.0),
+           "rougeL": (0.0, 1.0), "rouge1": (0.0, 1.0), "rouge2": (0.0, 1.0), "exact_match": (0.0, 1.0)}
 """Metrics with a fixed range: axes and whiskers stay inside it."""
 _MARKERS = "osD^vP*Xh<>"
 
@@ -99,7 +100,7 @@ def plot_rounds(rows: list[dict], folder: Path, title: str = "",
 
 def _bar_stats(row: dict, where: str, metric: str) -> tuple[float, float, float]:
     """(mean, lower whisker, upper whisker): +- std cut at the metric's range; NaN mean = no bar."""
-    stats = (row[where] or {}).get(metric) if where == "global" else row["clients"][metric]
+    stats = (row[where] or {}).get(metric) if where == "global" else row["clients"].get(metric)
     mean = _finite((stats or {}).get("mean"))
     if not stats or stats.get("count", 0) == 0 or mean is None:
         return float("nan"), 0.0, 0.0  # no bar (e.g. no global adapter)

@@ -35,8 +35,13 @@ def round_line(method: str, round_index: int, rows: list[dict]) -> str:
     accs = [r["accuracy"] for r in clients if "accuracy" in r]
     if accs:
         parts.append(f"client acc {_mean(accs):.3f}")
-    if glob:
+    rouge = [r["rougeL"] for r in clients if "rougeL" in r]  # a generation task
+    if rouge:
+        parts.append(f"client ROUGE-L {_mean(rouge):.3f}")
+    if glob and "accuracy" in glob[0]:
         parts.append(f"global acc {glob[0]['accuracy']:.3f}")
+    elif glob and "rougeL" in glob[0]:
+        parts.append(f"global ROUGE-L {glob[0]['rougeL']:.3f}")
     kb = (server.get("bytes_up", 0) + server.get("bytes_down", 0)) / 1e3
     parts.append(f"{kb:.0f} kB sent")
     seconds = sum(v for k, v in server.items() if k.startswith("time_"))
@@ -140,8 +145,10 @@ def print_comparison(table: list[dict], note: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fedlora.report.summary import calibrated
+    from fedlora.report.summary import calibrated, generative
 
+    if generative(table):
+        return _print_generative(table, note)
     cal = calibrated(table)  # eval.calibration: accuracy as 'raw→calibrated' means, same width
     acc = "acc→cal" if cal else "acc"
     out = Table(title="fedlora: final scores (higher is better)")
@@ -157,3 +164,22 @@ def print_comparison(table: list[dict], note: str) -> None:
     console.print(out)
     console.print(note + " (own): a personalized method, scored with each client's own adapter.",
                   style="dim")
+
+
+def _print_generative(table: list[dict], note: str) -> None:
+    """print_comparison for a generation task: ROUGE-L and exact match, clients and global test."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title="fedlora: final scores (higher is better)")
+    out.add_column("method", no_wrap=True)
+    for col in ("clients\nROUGE-L", "clients\nEM", "global\nROUGE-L", "global\nEM", "MB\nsent"):
+        out.add_column(col, justify="right", no_wrap=True)
+    for row in table:
+        c, g = row["clients"], row["global"] or {}
+        label = row["method"] + (" (own)" if row.get("scored_with") == "personal" else "")
+        out.add_row(label, _short(c.get("rougeL")), _short(c.get("exact_match")), _short(g.get("rougeL")),
+                    _short(g.get("exact_match")), f"{row['megabytes']:.1f}")
+    console = Console()
+    console.print(out)
+    console.print(note + " (own): a personalized method, scored with each client's own adapter.", style="dim")

@@ -19,17 +19,27 @@ CALIBRATED = ("ece", "accuracy_cal", "macro_f1_cal", "auroc_cal", "ece_cal", "ac
               "macro_f1_contextual", "accuracy_bias", "macro_f1_bias")
 """Reported beside METRICS where rows carry them (fl/scoring.py): the raw expected calibration error
 of every LLM row, and with eval.calibration the calibrated scores ('both' adds its two parts)."""
+GENERATIVE = ("rougeL", "rouge1", "rouge2", "exact_match", "perplexity")
+"""What rows of a generation task carry instead of METRICS (train/gen_eval.py)."""
+
+
+def is_generative(rows: dict | list[dict], prefix: str = "") -> bool:
+    """Whether `rows` are scores of a generation task (they carry ROUGE-L, not accuracy)."""
+    rows = [rows] if isinstance(rows, dict) else rows
+    return any(prefix + "rougeL" in r for r in rows)
 
 
 def reported(rows: dict | list[dict], prefix: str = "") -> tuple[str, ...]:
     """METRICS, then the CALIBRATED names that a row (or any of `rows`) carries as `prefix + name`."""
     rows = [rows] if isinstance(rows, dict) else rows
+    if is_generative(rows, prefix):
+        return GENERATIVE
     return METRICS + tuple(m for m in CALIBRATED if any(prefix + m in r for r in rows))
 
 
 def final_rows(rows: list[dict]) -> list[dict]:
     """The evaluated rows of the last evaluated round."""
-    scored = [r for r in rows if "accuracy" in r]
+    scored = [r for r in rows if "accuracy" in r or "rougeL" in r]
     if not scored:
         return []
     last = max(r["round"] for r in scored)
@@ -130,9 +140,21 @@ def calibrated(table: list[dict]) -> bool:
                for part in (row["clients"], row["global"]))
 
 
+GENERATIVE_COLUMNS = (("ROUGE-L", "rougeL"), ("ROUGE-1", "rouge1"), ("EM", "exact_match"), ("ppl", "perplexity"))
+"""comparison_markdown's columns, for clients and global, on a generation task."""
+
+
+def generative(table: list[dict]) -> bool:
+    """Whether `comparison`'s rows are of a generation task."""
+    return any("rougeL" in (part or {}) for row in table for part in (row["clients"], row["global"]))
+
+
 def comparison_markdown(table: list[dict]) -> str:
     """One line per method; with calibration on, calibrated accuracy / macro-F1 and ECE (raw, cal)
-    follow the raw columns for the clients and the global test."""
+    follow the raw columns for the clients and the global test. A generation task shows ROUGE-L,
+    ROUGE-1, exact match and perplexity instead."""
+    if generative(table):
+        return _generative_markdown(table)
     extra = CALIBRATED_COLUMNS if calibrated(table) else ()
     names = (["method", "scored with", "client acc", "client macro-F1", "client AUROC",
               *[f"client {c}" for c, _ in extra], "global acc", "global macro-F1", "global AUROC",
@@ -147,6 +169,19 @@ def comparison_markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _generative_markdown(table: list[dict]) -> str:
+    cols = GENERATIVE_COLUMNS
+    names = ["method", "scored with", *[f"client {c}" for c, _ in cols], *[f"global {c}" for c, _ in cols],
+             "MB sent (up+down)"]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for row in table:
+        c, g = row["clients"], row["global"] or {}
+        cells = [row["method"], row["scored_with"], *[format_stats(c.get(k)) for _, k in cols],
+                 *[format_stats(g.get(k)) for _, k in cols], f"{row['megabytes']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet: bool = False) -> list[dict]:
     table = comparison(per_seed)
     # The raw rows let comparisons from separate runs (e.g. more seeds later) be merged exactly.
@@ -157,6 +192,9 @@ def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet
             " client's own. global: the final global adapter on the held-out global test set"
             " (± std over seeds); personalized methods have none; decentralized methods (dec_*,"
             " tad_lora): each client's own adapter on the global test, ± std over clients and seeds.")
+    if generative(table):
+        note += (" Generation: greedy answers (eval.max_new_tokens) scored by ROUGE F-measure and exact match"
+                 " (case- and whitespace-normalized); ppl: perplexity of the references (lower is better).")
     if calibrated(table):
         note += (" cal: eval.calibration fitted on each client's own validation split (global test: "
                  "eval.global_calibration), never on a test split; ECE: expected calibration error, "
@@ -164,8 +202,12 @@ def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet
     (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + "\n", encoding="utf-8")
     from fedlora.report.plots import plot_comparison, plot_methods_by_round
 
-    plot_comparison(table, run_dir / "comparison.png")
-    plot_methods_by_round(per_seed, run_dir)  # comparison_rounds.png: each method by round
+    if generative(table):  # a generation task: ROUGE-L and exact match take accuracy's and AUROC's place
+        plot_comparison(table, run_dir / "comparison.png", metric="rougeL")
+        plot_methods_by_round(per_seed, run_dir, metrics=("rougeL", "exact_match"))
+    else:
+        plot_comparison(table, run_dir / "comparison.png")
+        plot_methods_by_round(per_seed, run_dir)  # comparison_rounds.png: each method by round
     if not quiet:
         from fedlora.report.progress import print_comparison
 

@@ -28,6 +28,10 @@ class EncodedExamples:
     def subset(self, rows: np.ndarray) -> "EncodedExamples":
         return EncodedExamples([self.prompt_ids[i] for i in rows], self.labels[rows], self.verbalizer_ids)
 
+    def pair(self, i: int) -> tuple[list[int], list[int]]:
+        """(prompt, target) of example i: its prompt and its label's verbalizer, as training feeds `collate`."""
+        return self.prompt_ids[i], self.verbalizer_ids[self.labels[i]]
+
 
 def format_prompts(tokenizer, prompts: list[str], style: str = "auto",
                    system: str | None = "Answer with one of the options.") -> tuple[list[str], bool]:

@@ -20,6 +20,7 @@ from fedlora.config import TrainConfig
 from fedlora.model.precision import make_optimizer
 from fedlora.report.progress import track_steps
 from fedlora.train.batches import EncodedExamples, collate, target_logprobs
+from fedlora.train.gen_encode import GenerationExamples, bucket_by_length
 
 
 @dataclass
@@ -53,7 +54,7 @@ def batch_order(num_rows: int, batch_size: int, steps: int, rng: np.random.Gener
 def local_train(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
-    data: EncodedExamples,
+    data: EncodedExamples | GenerationExamples,
     cfg: TrainConfig,
     steps: int,
     rng: np.random.Generator,
@@ -78,6 +79,8 @@ def local_train(
     model.train()
     losses = []
     batches = batch_order(len(data), cfg.batch_size, steps, rng)
+    if isinstance(data, GenerationExamples):  # free-form responses vary in length: bucket them
+        batches = bucket_by_length(batches, data.lengths, rng)
     for rows in track_steps(batches, progress):
         optimizer.zero_grad(set_to_none=True)
         weights = np.ones(len(rows)) if sample_weights is None else sample_weights[rows]
@@ -87,7 +90,7 @@ def local_train(
         step_loss = 0.0
         for start in range(0, len(rows), micro):
             chunk = rows[start : start + micro]
-            pairs = [(data.prompt_ids[i], data.verbalizer_ids[data.labels[i]]) for i in chunk]
+            pairs = [data.pair(i) for i in chunk]
             logp, count = target_logprobs(model, collate(pairs, pad_id, device))
             w = torch.as_tensor(weights[start : start + micro], dtype=logp.dtype, device=device)
             loss = -(w * logp / count).sum() / total_weight
