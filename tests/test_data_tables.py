@@ -51,7 +51,9 @@ def test_german_credit_known_answers_and_alias():
 
 def test_list_builtins():
     info = {d["name"]: d for d in list_builtins()}
-    assert set(info) == {"breast-cancer", "german-credit"}
+    assert set(info) == {"breast-cancer", "german-credit", "german-credit-qa"}
+    assert info["german-credit-qa"]["features"] == "generation" and info["german-credit-qa"]["rows"] == 1000
+    assert info["german-credit-qa"]["classes"] == ["extract", "lookup", "summary"]  # its task families
     assert info["breast-cancer"]["rows"] == 569 and info["breast-cancer"]["features"] == 30
     assert info["german-credit"]["classes"] == ["bad", "good"]
     assert all(d["source"] and d["license"] for d in info.values())

@@ -95,6 +95,15 @@ def list_builtins() -> list[dict]:
             classes=list(table.classes), domain=meta["domain"], source=meta["source"],
             license=meta["license"],
         ))
+    from fedlora.data.derived import DERIVED  # generation tasks derived from the tables above
+
+    for name, meta in DERIVED.items():
+        table = load_table(DataConfig(task="generation", source=name))
+        out.append(dict(
+            name=name, rows=len(table.frame), features="generation",
+            target=meta["target"], classes=list(table.classes), domain=meta["domain"], source=meta["source"],
+            license=meta["license"],
+        ))
     return out
 
 
