@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from conftest import assert_same_tensors, base_snapshot, make_config, wrapped_tiny
 
-from fedlora.config import ConfigError
+from fedlora.config import ConfigError, DPConfig, RobustConfig
 from fedlora.config.cuma import CumaConfig
 from fedlora.model import build_tiny_model
 from fedlora.model.cuma import (
@@ -285,3 +286,180 @@ def test_federated_row_profiles_and_personal_routers(fed):
     assert all(c and all("cuma_router" in k for k in c) for c in clients)
     assert not torch.equal(clients[0][next(iter(clients[0]))], clients[1][next(iter(clients[1]))])
     assert result.final(0)["split"] == "test" and result.final("global") is None
+
+
+# --- CuMA through the shared server chain: robust rules and DP-FedAvg ---------------------------
+
+
+def _cuma_fed(fed, *overrides, robust=None, dp=None, rounds=1):
+    """The session Federation under a CuMA config (+ robust / dp sections); profiles cached across calls."""
+    cfg = make_config("cuma.experts=3", "cuma.router_hidden=8", "cuma.profile_columns=[mean radius]",
+                      f"fl.rounds={rounds}", *overrides)
+    cfg = dataclasses.replace(cfg, robust=RobustConfig(**(robust or {})),
+                              dp=DPConfig(enabled=True, **dp) if dp is not None else DPConfig())
+    out = dataclasses.replace(fed, cfg=cfg)
+    out.__dict__["_cuma_profiles"] = fed.__dict__.setdefault("_cuma_profiles", {})  # encode once
+    return out
+
+
+def _spy_transform(monkeypatch, sim, name):
+    """Record (input updates, reference, output updates) of the combine transform `name` each round."""
+    transform = sim.server.combine.get(name)
+    seen, apply = [], transform.apply
+
+    def spy(updates, st, ctx):
+        out, st = apply(updates, st, ctx)
+        seen.append(([u.tensors for u in updates], ctx.reference(updates[0].client_id), out))
+        return out, st
+
+    monkeypatch.setattr(transform, "apply", spy)
+    return seen
+
+
+def _flat(tensors, keys):
+    return torch.cat([tensors[k].to(torch.float64).reshape(-1) for k in keys])
+
+
+def _assert_server_is(server, ref, keys, step):
+    """server == float32(download + step), the float64 `step` flat over sorted `keys` (DPMean's rounding)."""
+    want = (_flat(ref, keys) + step).to(torch.float32)
+    torch.testing.assert_close(_flat(server, keys).to(torch.float32), want, atol=6e-8, rtol=0)  # ~1 ulp
+
+
+def _all_finite(tensors):
+    return all(bool(torch.isfinite(v).all()) for v in tensors.values())
+
+
+def test_federated_median_with_a_sign_flipper_aggregates_routers_and_experts(fed, monkeypatch):
+    """3 clients, 1 sign flipper (scale 100), median with f = 1: the server's every CuMA tensor is
+    download + the coordinate-wise median of the three updates, so it lies between the two honest ones."""
+    from fedlora.fl.engine import Simulator
+    from fedlora.fl.methods import build_method
+
+    robust = {"aggregator": ["median"], "f": 1, "byzantine": 1, "attack": "sign_flip",
+              "attack_args": {"scale": 100.0}}
+    sim = Simulator(_cuma_fed(fed, robust=robust), build_method("cuma"), seed=0)
+    seen = _spy_transform(monkeypatch, sim, "aggregator")
+    result = sim.run()
+    (uploads, ref, _), = seen
+    server = result.state.server
+    assert len(uploads) == 3 and _all_finite(server)
+    server_row = next(r for r in result.rows if r["client"] == "server")
+    assert server_row["byzantine_sampled"] == sim.byzantine and server_row["num_rejected"] == 0
+    cuma = sorted(k for k in server if "cuma_" in k)
+    assert any("cuma_router" in k for k in cuma) and any(k.endswith("cuma_B") for k in cuma)
+    deltas = [{k: u[k] - ref[k] for k in server} for u in uploads]  # honest clients first, the attacker last
+    honest, byz = deltas[:2], deltas[2]
+    moved = [k for k in cuma if any(d[k].abs().max() > 0 for d in honest)]
+    assert any("cuma_router" in k for k in moved) and any(k.endswith("cuma_B") for k in moved)
+    for k in moved:
+        torch.testing.assert_close(byz[k], -100.0 * (honest[0][k] + honest[1][k]) / 2)  # the attack reaches k
+        median = torch.stack([d[k] for d in deltas]).median(dim=0).values
+        torch.testing.assert_close(server[k], ref[k] + median, atol=1e-7, rtol=0)
+        lo, hi = torch.minimum(honest[0][k], honest[1][k]), torch.maximum(honest[0][k], honest[1][k])
+        assert bool(((server[k] - ref[k] >= lo - 1e-7) & (server[k] - ref[k] <= hi + 1e-7)).all()), k
+    # Without the rule, the method's own mean is dragged ~100x the honest step away.
+    plain = Simulator(_cuma_fed(fed, robust={k: v for k, v in robust.items() if k not in ("aggregator", "f")}),
+                      build_method("cuma"), seed=0).run().state.server
+    far = max(float((plain[k] - ref[k]).abs().max()) for k in moved)
+    near = max(float((server[k] - ref[k]).abs().max()) for k in moved)
+    assert far > 10 * near
+
+
+def test_federated_dp_clips_the_whole_update_including_routers_and_experts(fed, monkeypatch):
+    """z = 0, C below every update's norm: the server adds (1/m) sum_i Delta_i C / ||Delta_i||, the norm
+    over the flattened upload (LoRA and every cuma_ tensor), so the server step has norm <= C."""
+    from fedlora.fl.engine import Simulator
+    from fedlora.fl.methods import build_method
+
+    clip = 0.01  # the updates' norms are about 0.3
+    sim = Simulator(_cuma_fed(fed, dp={"noise_multiplier": 0.0, "clip": clip}), build_method("cuma"), seed=0)
+    seen = _spy_transform(monkeypatch, sim, "dp")
+    result = sim.run()
+    (uploads, ref, _), = seen
+    server, keys = result.state.server, sorted(result.state.server)
+    assert any("cuma_router" in k for k in keys) and any(k.endswith("cuma_B") for k in keys)
+    assert sorted(uploads[0]) == keys and _all_finite(server)
+    deltas = [_flat(u, keys) - _flat(ref, keys) for u in uploads]
+    norms = [float(d.norm()) for d in deltas]
+    assert len(deltas) == sim.dp.m == 3 and min(norms) > 10 * clip  # every update is clipped
+    # The cuma_ part alone is above C too: clipping only the LoRA part would leave it unbounded.
+    cuma_at = torch.cat([torch.full((ref[k].numel(),), "cuma_" in k) for k in keys])
+    assert all(float(d[cuma_at].norm()) > clip for d in deltas)
+    expected = sum(d * (clip / d.norm()) for d in deltas) / 3
+    _assert_server_is(server, ref, keys, expected)
+    assert float((_flat(server, keys) - _flat(ref, keys)).norm()) <= clip * (1 + 1e-3)  # float32 rounding
+    # With noise (z = 1) the run completes: finite tensors, a finite epsilon.
+    noisy = Simulator(_cuma_fed(fed, dp={"noise_multiplier": 1.0, "clip": 0.05}, rounds=2),
+                      build_method("cuma"), seed=0).run()
+    rows = [r for r in noisy.rows if r["client"] == "server"]
+    assert _all_finite(noisy.state.server) and len(rows) == 2 and math.isfinite(rows[-1]["epsilon"])
+    assert not torch.equal(_flat(noisy.state.server, keys), _flat(server, keys))
+
+
+def test_federated_dp_without_noise_or_clipping_is_the_plain_cuma_round(fed, monkeypatch):
+    """z = 0, C = inf: DP-FedAvg is the uniform mean of the same uploads (it ignores example counts by
+    design, docs/dp.md); on uploads with equal counts that is CuMA's own aggregate."""
+    from fedlora.fl.engine import Simulator
+    from fedlora.fl.methods import ClientUpdate, build_method
+
+    dp_sim = Simulator(_cuma_fed(fed, dp={"noise_multiplier": 0.0, "clip": math.inf}), build_method("cuma"), seed=0)
+    dp_seen = _spy_transform(monkeypatch, dp_sim, "dp")
+    dp_server = dp_sim.run().state.server
+    plain_sim = Simulator(_cuma_fed(fed), build_method("cuma"), seed=0)
+    plain_seen = []
+    aggregate = plain_sim.method.aggregate
+    monkeypatch.setattr(plain_sim.method, "aggregate",
+                        lambda server, ups: plain_seen.append([u.tensors for u in ups]) or aggregate(server, ups))
+    plain_server = plain_sim.run().state.server
+    (dp_uploads, ref, _), = dp_seen
+    (plain_uploads,) = plain_seen
+    assert set(dp_server) == set(plain_server) and any("cuma_router" in k for k in dp_server)
+    for a, b in zip(dp_uploads, plain_uploads, strict=True):  # the same training, bitwise
+        assert_same_tensors(a, b)
+    for k in dp_server:
+        uniform = ref[k] + sum(u[k] - ref[k] for u in dp_uploads) / 3
+        torch.testing.assert_close(dp_server[k], uniform, atol=1e-7, rtol=1e-6)
+    # Equal example counts: DP's result is exactly what the plain CuMA aggregate gives.
+    sim = Simulator(_cuma_fed(fed, dp={"noise_multiplier": 0.0, "clip": math.inf}), build_method("cuma"), seed=0)
+    state = sim.initial_state()
+    ups = [ClientUpdate(i, u, 9) for i, u in enumerate(plain_uploads)]
+    expected = sim.method.aggregate(state.server, ups)
+    got = sim.aggregate(state, ups, 1)
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-7, rtol=1e-6)
+
+
+def test_federated_personal_routers_with_dp_send_and_clip_experts_only(fed, monkeypatch):
+    """personal_routers + DP: no router or projection tensor is in any payload; the experts' update
+    is clipped to C on its own (z = 0 so the result is a known answer); routers stay and train locally."""
+    from fedlora.fl.engine import Simulator
+    from fedlora.fl.methods import build_method
+    from fedlora.fl.payload import decode
+
+    clip = 0.01
+    sim = Simulator(_cuma_fed(fed, dp={"noise_multiplier": 0.0, "clip": clip}),
+                    build_method("cuma", {"personal_routers": True}), seed=0)
+    initial = sim.initial_state().clients
+    sent, receive = [], sim.server.receive
+
+    def spy(cid, payload, *args, **kwargs):
+        sent.append(set(decode(payload)[0]) if isinstance(payload, (bytes, bytearray)) else set(payload))
+        return receive(cid, payload, *args, **kwargs)
+
+    monkeypatch.setattr(sim.server, "receive", spy)
+    seen = _spy_transform(monkeypatch, sim, "dp")
+    result = sim.run()
+    (uploads, ref, _), = seen
+    server, keys = result.state.server, sorted(result.state.server)
+    assert len(sent) == 3 and all(s == set(keys) for s in sent)
+    assert not any("cuma_router" in k or k.startswith("cuma_proj") for s in sent for k in s)
+    assert any(k.endswith("cuma_B") for k in keys) and _all_finite(server)
+    deltas = [_flat(u, keys) - _flat(ref, keys) for u in uploads]
+    assert min(float(d.norm()) for d in deltas) > 10 * clip
+    expected = sum(d * (clip / d.norm()) for d in deltas) / 3
+    _assert_server_is(server, ref, keys, expected)
+    for before, after in zip(initial, result.state.clients, strict=True):
+        assert set(after) == set(before) and after and all("cuma_router" in k for k in after)
+        assert _all_finite(after) and any(not torch.equal(after[k], before[k]) for k in after)
