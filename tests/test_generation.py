@@ -298,6 +298,8 @@ def test_fedit_run_end_to_end_writes_metrics_and_samples(tmp_path):
     assert "rougeL" in summary["clients"] and "accuracy" not in summary["clients"]
     table = (run_dir / "comparison.md").read_text()
     assert "zero-shot" in table and "baseline" not in table and "client ROUGE-L" in table
+    card = (run_dir / "adapters" / "global" / "README.md").read_text()
+    assert "| rougeL |" in card and "greedy answers" in card and "classes:" not in card and "| accuracy |" not in card
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "client ROUGE-L" in page and "sample answers" in page
     # Same config, same seed: the same scores and the same answers.

@@ -18,6 +18,7 @@ from pathlib import Path
 from fedlora.model.hub import BUILTIN, EMBEDDED_UPSTREAM as UPSTREAM
 
 _METRICS = ("accuracy", "macro_f1", "auroc")
+_GEN_METRICS = ("rougeL", "rouge1", "exact_match", "perplexity")
 
 
 def data_description(fed) -> dict:
@@ -29,15 +30,27 @@ def data_description(fed) -> dict:
     return {
         "source": source, "table": table.name, "target": table.target, "classes": list(table.classes),
         "columns": [c.name for c in table.columns], "rows": int(len(table.frame)),
-        "number_format": cfg.data.number_format,
+        "number_format": cfg.data.number_format, "task": cfg.data.task,
         "global_test_rows": int(len(fed.partition.global_test)),
         "clients": [{"client": c.client_id, "train": int(len(c.train)), "val": int(len(c.val)),
                      "test": int(len(c.test))} for c in fed.partition.clients],
     }
 
 
-def card_info(fed, method, summary: dict | None) -> dict:
-    """What every adapter folder of one run shares in its fedlora.json (the card's inputs)."""
+def nodes_data_description(cfg, num_clients: int) -> dict:
+    """What a server that holds no data (a Flower ServerApp) knows of it: the config's source,
+    target and columns, and how many nodes. No row counts, no classes: the nodes hold those."""
+    d = cfg.data
+    source = Path(d.source).name if Path(d.source).expanduser().exists() else d.source
+    return {"source": source, "target": d.target, "columns": list(d.columns or []), "number_format": d.number_format,
+            "held_by": f"{num_clients} nodes (the server saw no rows)"}
+
+
+def card_info(fed, method, summary: dict | None, data: dict | None = None) -> dict:
+    """What every adapter folder of one run shares in its fedlora.json (the card's inputs).
+
+    `fed` is the run's Federation, or anything with its `cfg` and `num_clients` when `data` is given:
+    a server holding no data passes `nodes_data_description(cfg, n)` as `data`."""
     cfg = fed.cfg
     summary = summary or {}
     return {
@@ -46,7 +59,7 @@ def card_info(fed, method, summary: dict | None) -> dict:
         "personalized": bool(method.personalized),
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "target_modules": list(cfg.lora.target_modules)},
-        "data": data_description(fed),
+        "data": data if data is not None else data_description(fed),
         "metrics": {k: summary.get(k) for k in ("scored_on", "clients", "global") if k in summary},
     }
 
@@ -63,7 +76,7 @@ def _metrics_lines(metrics: dict) -> list[str]:
     lines = [f"Scored on {metrics.get('scored_on', 'the adapters')}; final round, from `summary.json`.", "",
              "| metric | clients' own test (mean ± std) | global test |", "|---|---|---|"]
     glob = metrics.get("global") or {}
-    for m in _METRICS:
+    for m in (_GEN_METRICS if "rougeL" in metrics["clients"] else _METRICS):
         c = metrics["clients"].get(m) or {}
         lines.append(f"| {m} | {_num(c.get('mean'))} ± {_num(c.get('std'))} | {_num(glob.get(m))} |")
     return lines
@@ -131,6 +144,10 @@ def _form_lines(info: dict) -> list[str]:
 def _use_lines(info: dict) -> list[str]:
     """How fedlora asked the model: without it an adapter trained on serialized rows is hard to use."""
     d = info["data"]
+    if d.get("task") == "generation":
+        return ["Inputs are the records' prompts (and system text, when given) in the tokenizer's chat template "
+                "when it has one; the adapter was trained on the response tokens only and scored by greedy "
+                "answers against the references (ROUGE, exact match; fedlora's docs/data.md, Generation tasks)."]
     return [f"Inputs are table rows serialized as sentences (`<column> is <value>.`, numbers as "
             f"`data.number_format={d.get('number_format', 'digits')}`) followed by a question, in the tokenizer's chat "
             "template when it has one; the prediction is the class whose name has the highest log-likelihood "
@@ -154,13 +171,24 @@ def _body(info: dict) -> list[str]:
              f"- rounds: {info['rounds']}; clients: {info['num_clients']}",
              f"- LoRA: r = {lora['r']}, alpha = {lora['alpha']}, dropout = {lora['dropout']}, "
              f"targets {', '.join(lora['target_modules'])}", "",
-             "## Data (described, no rows)", "", f"- source: `{d['source']}` (table `{d['table']}`)",
-             f"- target: `{d['target']}`; classes: {', '.join(d['classes'])}",
-             f"- feature columns ({len(d['columns'])}): {', '.join(d['columns'])}",
+             "## Data (described, no rows)", "", *_data_lines(d)]
+    return lines + ["", "## Results", "", *_metrics_lines(info["metrics"]), ""]
+
+
+def _data_lines(d: dict) -> list[str]:
+    if "held_by" in d:  # described by a server that never saw the data (nodes_data_description)
+        columns = ", ".join(d["columns"]) or "as each node's table has them"
+        target = f"`{d['target']}`" if d["target"] else "the source's own label column"
+        return [f"- source: `{d['source']}`; target: {target}", f"- feature columns: {columns}",
+                f"- rows: held by {d['held_by']}"]
+    lines = [f"- source: `{d['source']}` (table `{d['table']}`)",
+             (f"- generation records grouped by `{d['target']}`: {', '.join(d['classes'])}"
+              if d.get("task") == "generation" else f"- target: `{d['target']}`; classes: {', '.join(d['classes'])}"),
+             (f"- fields: {', '.join(d['columns'])}" if d.get("task") == "generation"
+              else f"- feature columns ({len(d['columns'])}): {', '.join(d['columns'])}"),
              f"- rows: {d['rows']}, of which {d['global_test_rows']} global test (no client trains on them)", "",
              "| client | train | val | test |", "|---|---|---|---|"]
-    lines += [f"| {c['client']} | {c['train']} | {c['val']} | {c['test']} |" for c in d["clients"]]
-    return lines + ["", "## Results", "", *_metrics_lines(info["metrics"]), ""]
+    return lines + [f"| {c['client']} | {c['train']} | {c['val']} | {c['test']} |" for c in d["clients"]]
 
 
 def adapter_card(info: dict) -> str:
