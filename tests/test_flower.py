@@ -237,7 +237,8 @@ def test_real_superlink_and_supernodes_match_simulator(tmp_path):
     wall = time.perf_counter() - started
     rows = read_jsonl(out / "metrics.jsonl")  # null (a NaN AUROC) back as NaN
     ref = _simulate(cfg, "fedit")
-    assert_same(load_file(str(out / "global_adapter.safetensors")), ref.state.server)
+    peft = load_file(str(out / "adapters" / "global" / "adapter_model.safetensors"))  # PEFT's key names
+    assert_same({k[len("base_model.model."):-len(".weight")]: v for k, v in peft.items()}, ref.state.server)
     assert_rows_match(rows, ref.rows)
     # Every process we started has exited (SIGTERM: 0 or -15), none was left to SIGKILL.
     assert all(code in (0, -15) for code in dep.exit_codes.values()), dep.exit_codes
@@ -269,4 +270,4 @@ def test_killed_supernode_run_completes_without_it(tmp_path):
     assert killed and servers[0]["dropped"] == [] and servers[1]["dropped"] == [1]
     assert servers[1]["replies"] == 1 and not servers[1]["skipped"]
     assert [r["client"] for r in rows if r.get("split") == "test"] == [0]
-    assert load_file(str(out / "global_adapter.safetensors"))
+    assert load_file(str(out / "adapters" / "global" / "adapter_model.safetensors"))

@@ -52,7 +52,14 @@ def new_run_dir(cfg: RunConfig, label: str) -> Path:
 def start_run_dir(cfg: RunConfig, label: str) -> Path:
     """A new run directory holding the resolved config.yaml."""
     path = new_run_dir(cfg, label)
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    write_config(path, cfg)
+    return path
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> Path:
+    """The resolved config as `run_dir/config.yaml` (what `resume` reads back)."""
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -161,20 +168,32 @@ def run_method(fed: Federation, method: str, run_dir: Path, quiet: bool = False,
             trackers.close(status)
     method_obj.save_extras(result.state.server, run_dir)
     sim.save_extras(result, run_dir)
-    summary = summarize(result.rows, method, method_class(method).personalized)
-    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    summary.update(sim.dp_summary(result.state))  # epsilon spent, when dp is on
+    write_results(run_dir, fed, method_obj, result.state, result.rows, time.perf_counter() - started,
+                  sim.dp_summary(result.state), zero_shot_rows)
+    return result
+
+
+def write_results(run_dir: Path, fed, method, state, rows: list[dict], wall_seconds: float, extra: dict,
+                  zero_shot_rows: list[dict] | None = None, data: dict | None = None, adapters: bool = True) -> dict:
+    """summary.json, the final adapters and the plots of one method's run; returns the summary.
+
+    Shared by the simulator and the Flower ServerApp (flower/rundir.py), whose `fed` holds no data:
+    it passes the card's `data` description itself (model/card.py `nodes_data_description`), and
+    `adapters=False` for personal methods, whose adapters it never sees (they stay on the nodes).
+    `extra` joins the summary (the privacy report under DP)."""
+    summary = summarize(rows, method.name, method.personalized)
+    summary["wall_seconds"] = round(wall_seconds, 2)
+    summary.update(extra)
     _write_json(run_dir / "summary.json", summary)
     # PEFT folders with fedlora.json and a model card citing the summary (model/export.py)
-    save_adapters(fed, method_obj, result.state, run_dir / "adapters", summary)
+    if adapters:
+        save_adapters(fed, method, state, run_dir / "adapters", summary, data)
     from fedlora.report.plots import plot_rounds
 
-    if fed.table.kind == "generation":
-        plot_rounds((zero_shot_rows or []) + result.rows, run_dir / "plots", title=method,
-                    metrics=("rougeL", "exact_match", "perplexity", "train_loss"))
-    else:
-        plot_rounds((zero_shot_rows or []) + result.rows, run_dir / "plots", title=method)
-    return result
+    generative = fed.cfg.data.task == "generation"
+    plot_rounds((zero_shot_rows or []) + rows, run_dir / "plots", title=method.name,
+                **({"metrics": ("rougeL", "exact_match", "perplexity", "train_loss")} if generative else {}))
+    return summary
 
 
 def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> tuple[Path, Federation]:
@@ -234,6 +253,15 @@ def config_differences(saved: dict, current: dict, default: dict, prefix: str = 
     return out
 
 
+def check_checkpoint_config(ckpt: Checkpoint, cfg: RunConfig, where: str) -> None:
+    """CheckpointError unless `ckpt` was written with `cfg` (`where` names it in the message)."""
+    differ = config_differences(ckpt.info.get("config") or {}, json.loads(json.dumps(cfg.to_dict())),
+                                json.loads(json.dumps(RunConfig().to_dict())))
+    if differ:
+        raise CheckpointError(f"{ckpt.path} was written with another config than {where} "
+                              f"(differs in {', '.join(differ[:5])}); restore that config or start a new run")
+
+
 def resume(run_dir: str | Path, quiet: bool = False) -> Path:
     """`fedlora resume RUN_DIR`: continue a `run` directory from its newest good checkpoint.
 
@@ -248,11 +276,7 @@ def resume(run_dir: str | Path, quiet: bool = False) -> Path:
     cfg = load_config(run_dir / "config.yaml")
     preflight(cfg)
     ckpt = load_latest(run_dir / "checkpoints")
-    differ = config_differences(ckpt.info.get("config") or {}, json.loads(json.dumps(cfg.to_dict())),
-                                json.loads(json.dumps(RunConfig().to_dict())))
-    if differ:
-        raise CheckpointError(f"{ckpt.path} was written with another config than {run_dir / 'config.yaml'} "
-                              f"(differs in {', '.join(differ[:5])}); restore that file or start a new run")
+    check_checkpoint_config(ckpt, cfg, str(run_dir / "config.yaml"))
     log.info("resuming %s after round %d of %d", run_dir, ckpt.round, cfg.fl.rounds)
     fed = prepare(cfg)
     rows = _references(fed)

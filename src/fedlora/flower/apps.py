@@ -22,10 +22,12 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.flower.config import MIN_NODES_KEY, OUTPUT_KEY, TIMEOUT_KEY, run_config_of
+from fedlora.flower.config import MIN_NODES_KEY, OUTPUT_KEY, RESUME_KEY, TIMEOUT_KEY, run_config_of
 from fedlora.flower.coordinator import Coordinator, merge_round_rows
 from fedlora.flower.intake import Claims
 from fedlora.flower.node import node_for
+from fedlora.flower.rundir import ERROR_FILE, checkpoint_round, finish_run_dir, open_run_dir
+from fedlora.report.progress import round_line
 
 log = logging.getLogger("fedlora")
 
@@ -64,7 +66,7 @@ def _main(grid: Grid, context: Context) -> None:
         out = context.run_config.get(OUTPUT_KEY)
         if out:  # the launcher waits on the output folder: tell it the run failed, and why
             Path(str(out)).mkdir(parents=True, exist_ok=True)
-            (Path(str(out)) / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            (Path(str(out)) / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         raise
 
 
@@ -137,12 +139,17 @@ Exchange = Callable[[dict[int, RecordDict], str, str], dict[int, RecordDict]]
 
 
 def drive(coord: Coordinator, node_of: dict[int, int], exchange: Exchange,
-          first: dict[int, RecordDict] | None = None, first_seconds: float = 0.0) -> Coordinator:
-    """The rounds: train the sampled clients, aggregate, evaluate every client on schedule.
+          first: dict[int, RecordDict] | None = None, first_seconds: float = 0.0,
+          on_round: Callable[[Coordinator], None] | None = None) -> Coordinator:
+    """The rounds after `coord.state.round` (0, or a resumed checkpoint's): train the sampled
+    clients, aggregate, evaluate every client on schedule, then `on_round(coord)` (the checkpoint).
+    Stops early, as the simulator does, before a round that would pass dp.target_epsilon.
     `first`: round 1's train replies when they came already (the broadcast in `run`, which took
     `first_seconds`, counted in round 1's time)."""
     rounds = coord.cfg.fl.rounds
-    for r in range(1, rounds + 1):
+    for r in range(coord.state.round + 1, rounds + 1):
+        if coord.would_exceed_epsilon():
+            break
         started = time.perf_counter() - (first_seconds if r == 1 else 0.0)
         if r == 1 and first is not None:
             sampled, replies = coord.sample(1), first
@@ -157,27 +164,41 @@ def drive(coord: Coordinator, node_of: dict[int, int], exchange: Exchange,
             eval_rows = coord.absorb_eval(scored, train_rows[-1])
         server = train_rows[-1]
         server["time_flower_round"] = round(time.perf_counter() - started, 4)
-        coord.rows += merge_round_rows(train_rows, eval_rows, r, coord.method.name)
-        log.info("fedlora round %d/%d: %d of %d updates, %d rejected%s, %.2f s", r, rounds, server["replies"],
-                 len(sampled), server["num_rejected"], " (skipped)" if server["skipped"] else "",
-                 time.perf_counter() - started)
+        new_rows = merge_round_rows(train_rows, eval_rows, r, coord.method.name)
+        coord.rows += new_rows
+        # One line per round in the ServerApp's log (`flwr log`, `flwr run --stream`): the simulator's
+        # round line (loss, accuracy when scored, bytes, seconds) and what the server took and refused.
+        log.info("%s | %d of %d updates, %d rejected%s", round_line(coord.method.name, r, new_rows),
+                 server["replies"], len(sampled), server["num_rejected"], " (skipped)" if server["skipped"] else "")
+        if on_round is not None:
+            on_round(coord)
     return coord
 
 
 def run(grid: Grid, run_config) -> Coordinator:
-    """The whole run over a Flower Grid: find the nodes, drive the rounds, save the outputs.
+    """The whole run over a Flower Grid: open the run directory (or resume it), find the nodes,
+    drive the rounds with a checkpoint after each, write the run directory (flower/rundir.py).
 
     Which node holds which client id is learnt from replies. When round 1 sends every client the
     same bytes (all sampled, a client-independent download: FedIT and most methods), round 1 is
-    broadcast and its replies say who is who; otherwise a `query` message asks first. Either way
-    the nodes do exactly the same training.
+    broadcast and its replies say who is who; otherwise (or when resuming) a `query` message asks
+    first. Either way the nodes do exactly the same training.
     """
+    started_run = time.perf_counter()
     cfg = run_config_of(run_config)
     timeout = float(run_config.get(TIMEOUT_KEY, 600))
     n = cfg.partition.num_clients
     coord = Coordinator(cfg)
+    out = str(run_config.get(OUTPUT_KEY) or "")
+    folder = Path(out) if out else None
+    resume = str(run_config.get(RESUME_KEY, False)).lower() == "true"  # a TOML bool, or the string a user typed
+    if resume and folder is None:
+        raise ValueError(f"{RESUME_KEY}=true needs the {OUTPUT_KEY!r} of the run to continue")
+    ckpt = open_run_dir(folder, cfg, resume) if folder is not None else None
+    if ckpt is not None:
+        coord.restore(ckpt)
     nodes = _wait_for_nodes(grid, int(run_config.get(MIN_NODES_KEY, n)), timeout)
-    broadcast = coord.broadcast_content(1) if len(nodes) == n else None
+    broadcast = coord.broadcast_content(1) if len(nodes) == n and coord.state.round == 0 else None
     first, started = None, time.perf_counter()
     if broadcast is not None:
         replies = _by_node(grid, {node: broadcast for node in nodes}, MessageType.TRAIN, "1", timeout)
@@ -189,8 +210,8 @@ def run(grid: Grid, run_config) -> Coordinator:
     if absent:
         log.warning("no SuperNode answered for partitions %s; they count as dropped when sampled", absent)
     exchange = lambda contents, kind, group: _exchange(grid, contents, node_of, kind, group, timeout)  # noqa: E731
-    drive(coord, node_of, exchange, first, time.perf_counter() - started if first is not None else 0.0)
-    out = run_config.get(OUTPUT_KEY)
-    if out:
-        coord.save(Path(str(out)))
+    save = (lambda c: checkpoint_round(folder, c)) if folder is not None and cfg.fl.checkpoint else None
+    drive(coord, node_of, exchange, first, time.perf_counter() - started if first is not None else 0.0, save)
+    if folder is not None:
+        finish_run_dir(folder, coord, time.perf_counter() - started_run)
     return coord

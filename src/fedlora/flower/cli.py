@@ -2,6 +2,7 @@
 
     fedlora flower app CONFIG --out DIR [--output-dir OUT]   # the folder for `flwr run DIR <superlink>`
     fedlora flower local CONFIG [--clients N] [--out DIR]    # SuperLink + N SuperNodes here, run, stop
+    fedlora flower local CONFIG --secure                     # the same over TLS, nodes authenticated
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ def flower_command(args, cfg: RunConfig) -> Path:
 
         cfg = replace(cfg, partition=replace(cfg.partition, num_clients=args.clients))
     started = time.perf_counter()
-    with LocalDeployment(cfg, workdir, round_timeout=args.round_timeout, threads=args.threads) as dep:
+    with LocalDeployment(cfg, workdir, round_timeout=args.round_timeout, threads=args.threads,
+                         secure=args.secure) as dep:
         print(f"SuperLink on 127.0.0.1:{dep.port}, {dep.num_nodes} SuperNodes; logs in {workdir / 'logs'}")
+        if dep.secure:
+            print(f"TLS: CA and server certificate in {dep.tls.ca_cert.parent}; SuperNode authentication on, "
+                  f"{len(dep.registered)} keys registered (node ids {sorted(dep.registered.values())}) "
+                  f"from {workdir / 'keys'}")
         out = dep.run_app(timeout=args.timeout)
     rows = read_jsonl(out / "metrics.jsonl")
     servers = [r for r in rows if r["client"] == "server"]
@@ -53,3 +59,6 @@ def add_arguments(p) -> None:
                    help="seconds the server waits for replies in a round before going on without them")
     p.add_argument("--timeout", type=float, default=3600.0, help="(local) seconds to wait for the whole run")
     p.add_argument("--threads", type=int, default=1, help="(local) torch threads per process")
+    p.add_argument("--secure", action="store_true",
+                   help="(local) TLS with a CA made for the run (OUT/certs) and SuperNode authentication "
+                        "(a registered key per node, OUT/keys): the production set-up, on loopback")

@@ -25,6 +25,8 @@ CONFIG_KEY = "fedlora-config"
 OUTPUT_KEY = "output-dir"
 TIMEOUT_KEY = "round-timeout"
 MIN_NODES_KEY = "min-nodes"
+RESUME_KEY = "resume"
+"""true: continue the run in output-dir from its newest good checkpoint (flower/rundir.py)."""
 
 
 def config_to_text(cfg: RunConfig) -> str:

@@ -14,12 +14,11 @@ code (flower/intake.py, fl/payload.py), counted in the round's server row (`num_
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from flwr.app import RecordDict
-from safetensors.torch import save_file
 
 from fedlora.config import RunConfig
+from fedlora.fl.checkpoint import Checkpoint, CheckpointError, restore_state, state_fields
 from fedlora.fl.combine import RoundContext
 from fedlora.fl.federation import Federation
 from fedlora.fl.methods import build_method, method_options
@@ -31,7 +30,6 @@ from fedlora.flower.intake import (base_version_of, check_identity, informative,
                                    record_of, seconds)
 from fedlora.flower.node import check_supported
 from fedlora.flower.wire import RECORD, blob_of, pack
-from fedlora.jsonio import jsonl_lines
 from fedlora.model import load_model, wrap_lora
 from fedlora.model.lora import init_adapter_state
 
@@ -191,15 +189,36 @@ class Coordinator:
         merge_rejections(server_row, "eval_rejected", rejected)
         return rows
 
-    # --- outputs ---------------------------------------------------------------------------
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        adapter = self.method.global_adapter(self.state.server)
-        if adapter is not None:
-            save_file({k: v.contiguous() for k, v in adapter.items()}, str(folder / "global_adapter.safetensors"))
-        tmp = folder / "metrics.jsonl.tmp"  # renamed when complete: its presence means 'done'
-        tmp.write_text(jsonl_lines(self.rows), encoding="utf-8")  # strict JSON: NaN is null
-        tmp.replace(folder / "metrics.jsonl")
+    # --- checkpoint, resume and the run's report (flower/rundir.py) -------------------------
+    def checkpoint_fields(self) -> dict:
+        return state_fields(self.state)
+
+    def checkpoint_info(self) -> dict:
+        """Who wrote a checkpoint (checked on resume), and the server's count of FLoRA merges."""
+        return {"method": self.method.name, "seed": self.cfg.seed, "config": self.cfg.to_dict(),
+                "flower": {"base_version": self.base_version}}
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue after `ckpt`'s round. Resuming is a new Flower run, whose nodes start with an empty
+        `context.state`: a method that keeps personal state there cannot continue, and FLoRA's nodes
+        hold no merged base yet (`node_base` stays 0, so each is sent the whole delta)."""
+        if self.method.personalized:
+            raise CheckpointError(f"{self.method.name!r} cannot resume under Flower: each node's personal "
+                                  "state lives in the Flower run's context.state, which a new run starts empty")
+        self.state = restore_state(RunState, ckpt.fields)
+        self.rows = list(ckpt.rows)
+        self.base_version = int((ckpt.info.get("flower") or {}).get("base_version", 0))
+
+    def would_exceed_epsilon(self) -> bool:
+        """True when the next round would take epsilon past dp.target_epsilon (the run stops, as in
+        the simulator)."""
+        dp = self.server.dp
+        return dp is not None and dp.would_exceed(self.state.dp, self.state.round, self.cfg.fl.rounds)
+
+    def dp_summary(self) -> dict:
+        """{"dp": the privacy report} for summary.json ({} without DP)."""
+        dp = self.server.dp
+        return {} if dp is None else dp.summary(self.state.dp, stopped_early=self.state.round < self.cfg.fl.rounds)
 
 
 def merge_round_rows(train_rows: list[dict], eval_rows: list[dict], round_index: int, method: str) -> list[dict]:

@@ -5,6 +5,9 @@ point at `fedlora.flower.apps` (installed on every machine with `pip install fed
 and whose run config holds the resolved fedlora YAML. `LocalDeployment` starts one
 `flower-superlink` and N `flower-supernode` processes on free loopback ports, submits the app
 with `flwr run`, waits for the ServerApp's outputs, and always stops every process it started.
+With `secure=True` it runs what a production deployment runs (docs/flower.md, "Secure
+deployment"): TLS from a CA made for the run (`certs.py`) and SuperNode authentication, each
+node's public key registered with `flwr supernode register` before the node starts.
 
 >>> with LocalDeployment(cfg, workdir) as dep:                      # doctest: +SKIP
 ...     dep.run_app()              # blocks until output/metrics.jsonl exists
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 
 from fedlora.config import RunConfig
-from fedlora.flower.config import CONFIG_KEY, MIN_NODES_KEY, OUTPUT_KEY, TIMEOUT_KEY, config_to_text
+from fedlora.flower.config import CONFIG_KEY, MIN_NODES_KEY, OUTPUT_KEY, RESUME_KEY, TIMEOUT_KEY, config_to_text
 
 _PYPROJECT = """\
 [build-system]
@@ -54,14 +57,14 @@ def _toml_string(text: str) -> str:
 
 
 def write_app(cfg: RunConfig, folder: str | Path, output_dir: str | Path | None = None,
-              round_timeout: float = 600.0, min_nodes: int | None = None) -> Path:
+              round_timeout: float = 600.0, min_nodes: int | None = None, resume: bool = False) -> Path:
     """The app folder for `flwr run FOLDER CONNECTION`; the run config carries `cfg` whole."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     values = {CONFIG_KEY: config_to_text(cfg), TIMEOUT_KEY: float(round_timeout),
               MIN_NODES_KEY: int(min_nodes if min_nodes is not None else cfg.partition.num_clients),
-              OUTPUT_KEY: str(Path(output_dir).absolute()) if output_dir else ""}
-    lines = [f"{k} = {_toml_string(v) if isinstance(v, str) else v}" for k, v in values.items()]
+              OUTPUT_KEY: str(Path(output_dir).absolute()) if output_dir else "", RESUME_KEY: bool(resume)}
+    lines = [f"{k} = {_toml_string(v)}" for k, v in values.items()]  # JSON scalars are TOML ones too
     (folder / "pyproject.toml").write_text(_PYPROJECT.format(config="\n".join(lines)), encoding="utf-8")
     return folder
 
@@ -80,18 +83,27 @@ def _bin(name: str) -> str:
 
 
 class LocalDeployment:
-    """One SuperLink and `num_nodes` SuperNodes on 127.0.0.1, insecure (loopback only)."""
+    """One SuperLink and `num_nodes` SuperNodes on 127.0.0.1.
+
+    Insecure by default (`--insecure`: plain HTTP, any node admitted; loopback only). With
+    `secure=True`: TLS on the SuperLink (`workdir/certs`, server certificate for 127.0.0.1 and
+    localhost), `--enable-supernode-auth`, and one registered key pair per node (`workdir/keys`);
+    SuperNodes and the `flwr` CLI trust only `certs/ca.crt`."""
 
     def __init__(self, cfg: RunConfig, workdir: str | Path, num_nodes: int | None = None,
-                 round_timeout: float = 120.0, min_nodes: int | None = None, threads: int = 1):
+                 round_timeout: float = 120.0, min_nodes: int | None = None, threads: int = 1,
+                 secure: bool = False):
         self.cfg = cfg
         self.workdir = Path(workdir).absolute()
-        self.num_nodes = num_nodes or cfg.partition.num_clients
+        self.num_nodes = cfg.partition.num_clients if num_nodes is None else num_nodes  # 0: a bare SuperLink
         self.round_timeout = round_timeout
         self.min_nodes = min_nodes
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.output = self.workdir / "output"
+        self.secure = secure
+        self.tls = None  # certs.TlsFiles once started in secure mode
+        self.registered: dict[str, int] = {}  # public key file -> the node id the SuperLink gave it
         env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
@@ -111,20 +123,79 @@ class LocalDeployment:
     def start(self) -> LocalDeployment:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         (self.workdir / "flwr-home").mkdir(exist_ok=True)
-        self._spawn("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+        if self.secure:
+            from fedlora.flower.certs import write_tls
+
+            self.tls = write_tls(self.workdir / "certs")
+            # Node auth admits only keys registered through the Control API; Flower refuses it
+            # without TLS, so the two always come together.
+            transport = [*self.tls.superlink_args(), "--enable-supernode-auth"]
+        else:
+            transport = ["--insecure"]
+        self._spawn("superlink", [_bin("flower-superlink"), *transport, "--host", "127.0.0.1",
                                   "--port", str(self.port), "--database", ":flwr-in-memory:",
                                   "--disable-runtime-dependency-installation"])
         self._wait_port(self.port)
+        self._write_cli_config()
         for i in range(self.num_nodes):
             self.start_node(i)
         return self
 
-    def start_node(self, i: int) -> subprocess.Popen:
+    def _write_cli_config(self) -> None:
+        """The `flwr` CLI's connection `fedlora-local` (FLWR_HOME/config.toml): run, ls, register."""
+        trust = (f'root-certificates = "{self.tls.ca_cert}"' if self.tls else "insecure = true")
+        (self.workdir / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedlora-local"\n\n[superlink.fedlora-local]\n'
+            f'address = "127.0.0.1:{self.port}"\n{trust}\n', encoding="utf-8")
+
+    def register(self, public_key: str | Path) -> int:
+        """`flwr supernode register PUBLIC_KEY`: admit the holder of its private key; its node id."""
+        out = self._flwr("supernode", "register", str(public_key), "fedlora-local", "--format", "json")
+        try:
+            node_id = int(json.loads(out.stdout)["node-id"])
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"flwr supernode register {public_key} failed: {out.stdout[-1000:]}{out.stderr[-1000:]}")
+        self.registered[str(public_key)] = node_id
+        return node_id
+
+    def nodes(self) -> dict[int, str]:
+        """`flwr supernode list`: node id -> status ("registered", "online", "offline") of every
+        node the SuperLink knows."""
+        out = self._flwr("supernode", "list", "fedlora-local", "--format", "json", timeout=60)
+        try:
+            return {int(n["node-id"]): str(n["status"]) for n in json.loads(out.stdout)["nodes"]}
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"flwr supernode list failed: {out.stdout[-1000:]}{out.stderr[-1000:]}")
+
+    def start_node(self, i: int, name: str | None = None, private_key: str | Path | None = None,
+                   trust_ca: bool = True) -> subprocess.Popen:
+        """SuperNode for partition `i` (its log: logs/NAME.log, NAME defaulting to supernode-i).
+
+        Secure mode: a fresh key pair registered before the node starts, unless `private_key` is
+        given (then registering it is the caller's business: an unregistered key is how a test
+        plays an intruder); `trust_ca=False` leaves out `--root-certificates`, so the node checks
+        the server against the system's CAs only, as a client that was never given ca.crt."""
+        name = name or f"supernode-{i}"
         n = self.cfg.partition.num_clients
-        return self._spawn(f"supernode-{i}", [
-            _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+        if not self.secure:
+            transport = ["--insecure"]
+        else:
+            if private_key is None:
+                from fedlora.flower.certs import write_node_key
+
+                private_key, public_key = write_node_key(self.workdir / "keys", name)
+                self.register(public_key)
+            transport = ["--auth-supernode-private-key", str(private_key)]
+            if trust_ca:
+                transport += ["--root-certificates", str(self.tls.ca_cert)]
+        return self._spawn(name, [
+            _bin("flower-supernode"), *transport, "--superlink", f"127.0.0.1:{self.port}",
             "--host", "127.0.0.1", "--port", str(free_port()),
             "--node-config", f"partition-id={i} num-partitions={n}"])
+
+    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.workdir,
+                              capture_output=True, text=True, timeout=timeout)
 
     def kill_node(self, i: int) -> None:
         self._kill(self.procs[f"supernode-{i}"], signal.SIGKILL)
@@ -178,15 +249,11 @@ class LocalDeployment:
         self.exit_codes = self.stop()
 
     # --- the run ---------------------------------------------------------------------------
-    def run_app(self, timeout: float = 300.0, on_wait=None) -> Path:
-        """Write the app, `flwr run` it, and wait for the ServerApp's metrics.jsonl."""
-        app = write_app(self.cfg, self.workdir / "app", self.output, self.round_timeout, self.min_nodes)
-        home = self.workdir / "flwr-home"
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "fedlora-local"\n\n[superlink.fedlora-local]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n', encoding="utf-8")
-        submit = subprocess.run([_bin("flwr"), "run", str(app), "fedlora-local", "--format", "json"],
-                                env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=120)
+    def run_app(self, timeout: float = 300.0, on_wait=None, resume: bool = False) -> Path:
+        """Write the app, `flwr run` it, and wait for the ServerApp's metrics.jsonl (resume: continue
+        the run in output/ from its newest checkpoint, flower/rundir.py)."""
+        app = write_app(self.cfg, self.workdir / "app", self.output, self.round_timeout, self.min_nodes, resume)
+        submit = self._flwr("run", str(app), "fedlora-local", "--format", "json")
         (self.workdir / "logs" / "flwr-run.log").write_text(submit.stdout + submit.stderr)
         if submit.returncode != 0:
             raise RuntimeError(f"flwr run failed ({submit.returncode}): {submit.stdout[-2000:]}{submit.stderr[-2000:]}")
@@ -217,8 +284,7 @@ class LocalDeployment:
 
     def run_info(self) -> dict:
         """`flwr ls --run-id` of the submitted run (status, timings, network-traffic bytes)."""
-        ls = subprocess.run([_bin("flwr"), "ls", "fedlora-local", "--run-id", self.run_id, "--format", "json"],
-                            env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=60)
+        ls = self._flwr("ls", "fedlora-local", "--run-id", self.run_id, "--format", "json", timeout=60)
         try:
             return dict(json.loads(ls.stdout)["runs"][0])
         except (ValueError, KeyError, IndexError):

@@ -140,8 +140,11 @@ def write_info(folder: Path, info: dict) -> Path:
 # --- a run's final adapters ---------------------------------------------------------------------
 
 
-def save_adapters(fed, method, state, folder: Path, summary: dict | None = None) -> list[Path]:
+def save_adapters(fed, method, state, folder: Path, summary: dict | None = None,
+                  data: dict | None = None) -> list[Path]:
     """The final adapters, each a PEFT folder with fedlora.json and a card: `global/`, or `client_<i>/`.
+
+    `data`: the card's data description when `fed` holds no data (a Flower server; `card_info`).
 
     FLoRA (a method with a base delta): `global/` holds the exact delta (base_delta.safetensors)
     and its SVD LoRA at rank `export_rank` (method option; default lora.r). A mixing method's
@@ -150,7 +153,7 @@ def save_adapters(fed, method, state, folder: Path, summary: dict | None = None)
     from fedlora.model.card import adapter_card, card_info
 
     cfg, base_id = fed.cfg, base_model_id(fed.cfg.model.name)
-    common = {"base_model": base_id, "fedlora_model": model_spec(cfg.model.name), **card_info(fed, method, summary)}
+    common = {"base_model": base_id, "fedlora_model": model_spec(cfg.model.name), **card_info(fed, method, summary, data)}
     written: list[tuple[Path, dict]] = []
     delta = method.base_delta(state.server)
     global_adapter = None if delta is not None else method.global_adapter(state.server)
