@@ -53,14 +53,12 @@ class DataConfig:
     """'classification' (rows scored by label likelihood) or 'generation' (prompt -> free-form
     response, scored by ROUGE, exact match and perplexity; data/generation.py, docs/data.md)."""
     prompt_field: str = "prompt"
-    """task=generation: the field (JSONL key or CSV column) holding the prompt."""
     response_field: str = "response"
-    """task=generation: the field holding the reference response (the training target)."""
     system_field: str = "system"
-    """task=generation: an optional field with a per-record system message."""
+    """task=generation: the fields (JSONL keys or CSV columns) holding the prompt, the reference
+    response (the training target) and an optional per-record system message."""
     messages_field: str = "messages"
-    """task=generation: an optional field with a chat as a list of {role, content}; its last
-    assistant turn is the response, the turns before it the prompt."""
+    """task=generation: an optional chat ([{role, content}]); its last assistant turn is the response."""
     target: str | None = None
     """Target column; built-ins know theirs; required for user CSV/Parquet ('label' for JSONL)."""
     columns: list[str] | None = None
@@ -171,15 +169,16 @@ class EvalConfig:
     """Classical baseline on the same client splits: 'logreg', 'gboost' or 'none'."""
     global_test: bool = True
     max_new_tokens: int = 64
-    """data.task=generation: the most tokens greedy decoding writes per prompt."""
     samples: int = 3
-    """data.task=generation: prompts per evaluated set whose generation goes to samples.jsonl."""
+    """data.task=generation: the most tokens greedy decoding writes per prompt, and the prompts per
+    evaluated set whose answers go to samples.jsonl."""
     calibration: str = "both"
     """Calibrated decisions beside the raw argmax (train/calibration.py, docs/calibration.md):
-    default 'both' (it won on the clients' own test splits, docs/benchmarks.md), 'none', 'contextual' (content-free prompts, arXiv 2101.09690; no labels), 'bias' (inverse
-    temperature + per-class bias fitted on the client's own validation split) or 'both'. Rows then
-    carry accuracy_cal, macro_f1_cal, auroc_cal and ece_cal beside the raw accuracy, macro_f1, auroc,
-    ece; 'both' also reports its contextual and bias parts. Zero-shot rows are calibrated the same way."""
+    'none', 'contextual' (content-free prompts, arXiv 2101.09690; no labels), 'bias' (inverse
+    temperature + per-class bias fitted on the client's own validation split) or 'both' (the
+    default: it won on the clients' own test splits, docs/benchmarks.md). Rows then carry
+    accuracy_cal, macro_f1_cal, auroc_cal, ece_cal beside the raw accuracy, macro_f1, auroc, ece;
+    'both' also reports its contextual and bias parts. Zero-shot rows are calibrated the same way."""
     global_calibration: str = "pooled_val"
     """What calibrates the global adapter on the global (and shifted) test: 'pooled_val' (every
     client's validation score matrix and labels under the global adapter, pooled: a client shares

@@ -18,6 +18,8 @@ pure function of the table (no randomness). These are synthetic tasks; docs/data
 
 from __future__ import annotations
 
+from importlib import resources
+
 import pandas as pd
 
 SHOWN = ("duration_in_month", "credit_amount", "purpose", "age_in_years", "housing", "job",
@@ -49,10 +51,14 @@ def _question_and_answer(i: int, row: pd.Series) -> tuple[str, str, str]:
             "; ".join(str(row[c]) for c in EXTRACT))
 
 
+def _german_credit() -> pd.DataFrame:
+    """The shipped German Credit CSV (read here, not through data/tables.py, which lists this module's tasks)."""
+    with resources.files("fedlora.data").joinpath("builtin/german_credit.csv").open("r", encoding="utf-8") as fh:
+        return pd.read_csv(fh)
+
+
 def german_credit_qa() -> pd.DataFrame:
     """1000 records (one per applicant): _chat, prompt, response, task, _line (the CSV line)."""
-    from fedlora.data.tables import _german_credit
-
     records = []
     for i, row in _german_credit().iterrows():
         family, question, answer = _question_and_answer(int(i), row)

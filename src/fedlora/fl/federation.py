@@ -8,57 +8,15 @@ client's own training rows, never from other clients'). Several methods can then
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from fedlora.config import ConfigError, RunConfig
 from fedlora.data import Partition, RowSerializer, Table, load_table, make_partition
 from fedlora.fl.preflight import preflight
+from fedlora.fl.splits import ClientSplits, Federation, cap_rows as _cap  # noqa: F401  (re-exported)
 from fedlora.model import load_model, wrap_lora
 from fedlora.train.batches import EncodedExamples
 from fedlora.train.encode import encode_rows
-
-
-@dataclass
-class ClientSplits:
-    train: EncodedExamples
-    val: EncodedExamples
-    test: EncodedExamples
-    rows: dict[str, np.ndarray]
-    """Row positions into table.frame for each split (for the classical baseline)."""
-
-
-@dataclass
-class Federation:
-    cfg: RunConfig
-    model: object
-    tokenizer: object
-    table: Table
-    partition: Partition
-    clients: list[ClientSplits]
-    global_test: EncodedExamples
-    global_rows: np.ndarray
-    shifted_test: EncodedExamples | None = None
-    """Rows above `data.shift_quantile` of `data.shift_column`, which no client holds (or None)."""
-    global_holdout: EncodedExamples | None = None
-    """eval.global_calibration=holdout: global-test pool rows beyond eval.max_examples (at most that
-    many, drawn like the global test), which calibrate the global test and are never scored as test."""
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.clients)
-
-
-def _cap(rows: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
-    """At most `limit` rows, a seeded subsample in the original order (evaluation cost cap)."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    return np.sort(rng.choice(rows, size=limit, replace=False))
 
 
 def _encode(fed_tokenizer, serializer: RowSerializer, table: Table, rows: np.ndarray,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedlora.fl.splits import ClientSplits, Federation, cap_rows as _cap
 from fedlora.jsonio import jsonl_lines
 from fedlora.train.gen_encode import GenerationExamples, encode_generation
 from fedlora.train.gen_eval import generation_metrics
@@ -23,8 +24,6 @@ from fedlora.train.gen_eval import generation_metrics
 
 def prepare_generation(cfg, model, tokenizer, table, partition):
     """The Federation of a generation table (see the module doc); called by `federation.prepare`."""
-    from fedlora.fl.federation import ClientSplits, Federation, _cap
-
     rng = np.random.default_rng([cfg.seed, 7])  # the stream the table path draws its caps from
     cap, dcfg = cfg.eval.max_examples, cfg.data
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from fedlora.report import charts
+from fedlora.report import html_parts as h
 from fedlora.report.summary import GENERATIVE_COLUMNS
 
 SHOWN_SAMPLES = 6
@@ -35,30 +36,28 @@ def _samples(run: Path, h) -> str:
             s = json.loads(line)
         except ValueError:  # a line cut by a crash
             continue
-        rows.append([h._esc(s.get("set", "")), h._esc(_cut(str(s.get("prompt", "")))),
-                     h._esc(s.get("reference", "")), h._esc(s.get("generation", "")), h._fmt(s.get("rougeL"))])
+        rows.append([h.esc(s.get("set", "")), h.esc(_cut(str(s.get("prompt", "")))),
+                     h.esc(s.get("reference", "")), h.esc(s.get("generation", "")), h.fmt(s.get("rougeL"))])
     if not rows:
         return ""
-    return (f"<details><summary>sample answers: {h._esc(run.name)}</summary>"
-            + h._table(["set", "prompt", "reference", "generated", "ROUGE-L"], rows) + "</details>")
+    return (f"<details><summary>sample answers: {h.esc(run.name)}</summary>"
+            + h.table(["set", "prompt", "reference", "generated", "ROUGE-L"], rows) + "</details>")
 
 
 def generation_parts(run_dir: Path, table: list[dict], per_seed: list, subs: list[Path]) -> list[str]:
     """The Scores section's parts for a generation task."""
-    from fedlora.report import html as h
-
     rows = []
     for r in table:
         c, g = r["clients"], r.get("global") or {}
-        rows.append([h._esc(r["method"]), h._esc(r.get("scored_with", "")),
-                     *[h._stats(c.get(k)) for _, k in GENERATIVE_COLUMNS],
-                     *[h._stats(g.get(k)) for _, k in GENERATIVE_COLUMNS], h._fmt(r.get("megabytes"), 2)])
+        rows.append([h.esc(r["method"]), h.esc(r.get("scored_with", "")),
+                     *[h.stats(c.get(k)) for _, k in GENERATIVE_COLUMNS],
+                     *[h.stats(g.get(k)) for _, k in GENERATIVE_COLUMNS], h.fmt(r.get("megabytes"), 2)])
     names = [name for name, _ in GENERATIVE_COLUMNS]
-    parts = [h._table(["method", "scored with", *[f"client {n}" for n in names], *[f"global {n}" for n in names],
-                       "MB sent"], rows), f'<p class="note">{h._esc(NOTE)}</p>']
+    parts = [h.table(["method", "scored with", *[f"client {n}" for n in names], *[f"global {n}" for n in names],
+                       "MB sent"], rows), f'<p class="note">{h.esc(NOTE)}</p>']
     if per_seed:
-        parts += [h._svg(charts.methods_by_round(per_seed, m), f"{m} by round, per method")
+        parts += [h.svg(charts.methods_by_round(per_seed, m), f"{m} by round, per method")
                   for m in ("rougeL", "exact_match")]
-    parts.append(h._png(run_dir / "comparison.png", "final ROUGE-L by method"))
+    parts.append(h.png(run_dir / "comparison.png", "final ROUGE-L by method"))
     parts += [_samples(run, h) for run in subs]
     return parts

@@ -9,14 +9,12 @@ data URIs; the page loads nothing from the network and runs no script.
 
 from __future__ import annotations
 
-import base64
-import html
-import itertools
 import json
 import time
 from pathlib import Path
 
-from fedlora.report import charts
+from fedlora.report import charts, html_parts
+from fedlora.report.html_parts import esc as _esc, fmt as _fmt, png as _png, stats as _stats, svg as _svg, table as _table
 from fedlora.report.summary import CALIBRATED_COLUMNS, METRICS, calibrated, generative
 
 _CSS = """
@@ -55,47 +53,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _esc(value) -> str:
-    return html.escape(str(value))
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if isinstance(value, float):
-        return "-" if value != value else f"{value:.{digits}f}"
-    return "-" if value is None else _esc(value)
-
-
-def _stats(stats: dict | None) -> str:
-    if not stats or not stats.get("count") or stats.get("mean") is None or stats["mean"] != stats["mean"]:
-        return "-"
-    spread = f" ± {stats['std']:.3f}" if stats["count"] > 1 else ""
-    return f"{stats['mean']:.3f}{spread}"
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _figure(content: str, caption: str) -> str:
-    return f"<figure>{content}<figcaption>{_esc(caption)}</figcaption></figure>"
-
-
-_chart_ids = itertools.count()
-
-
-def _svg(fig, caption: str) -> str:
-    return _figure(charts.to_svg(fig, f"c{next(_chart_ids)}"), caption) if fig is not None else ""
-
-
-def _png(path: Path, caption: str) -> str:
-    if not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return _figure(f'<img alt="{_esc(caption)}" src="data:image/png;base64,{data}">', caption)
 
 
 def markdown_to_html(text: str) -> str:
@@ -262,8 +219,7 @@ def build_report(run_dir: str | Path) -> str:
     """The page's HTML for a run directory (see the module docstring for what it reads)."""
     from fedlora.version import __version__
 
-    global _chart_ids
-    _chart_ids = itertools.count()  # ids from c0 on every build: the same run gives the same page
+    html_parts.reset_chart_ids()  # ids from c0 on every build: the same run gives the same page
     run_dir = Path(run_dir)
     per_seed = _per_seed(run_dir)
     subs = _sub_runs(run_dir)

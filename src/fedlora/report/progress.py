@@ -145,7 +145,7 @@ def print_comparison(table: list[dict], note: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fedlora.report.summary import calibrated, generative
+    from fedlora.report.columns import calibrated, generative
 
     if generative(table):
         return _print_generative(table, note)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.jsonio import write_json
+from fedlora.report.columns import CALIBRATED_COLUMNS, GENERATIVE_COLUMNS, calibrated, generative  # noqa: F401  (re-exported)
 
 METRICS = ("accuracy", "macro_f1", "auroc")
 CALIBRATED = ("ece", "accuracy_cal", "macro_f1_cal", "auroc_cal", "ece_cal", "accuracy_contextual",
@@ -127,26 +128,6 @@ def format_stats(stats: dict | None) -> str:
     if stats["count"] == 1:
         return f"{stats['mean']:.3f}"
     return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
-
-
-CALIBRATED_COLUMNS = (("acc cal", "accuracy_cal"), ("macro-F1 cal", "macro_f1_cal"), ("ECE", "ece"),
-                      ("ECE cal", "ece_cal"))
-"""Columns comparison_markdown adds, for clients and global, when some method was calibrated."""
-
-
-def calibrated(table: list[dict]) -> bool:
-    """Whether any method's row of `comparison` carries calibrated scores."""
-    return any((part or {}).get("accuracy_cal", {}).get("count", 0) for row in table
-               for part in (row["clients"], row["global"]))
-
-
-GENERATIVE_COLUMNS = (("ROUGE-L", "rougeL"), ("ROUGE-1", "rouge1"), ("EM", "exact_match"), ("ppl", "perplexity"))
-"""comparison_markdown's columns, for clients and global, on a generation task."""
-
-
-def generative(table: list[dict]) -> bool:
-    """Whether `comparison`'s rows are of a generation task."""
-    return any("rougeL" in (part or {}) for row in table for part in (row["clients"], row["global"]))
 
 
 def comparison_markdown(table: list[dict]) -> str:
