@@ -51,8 +51,8 @@ def _question_and_answer(i: int, row: pd.Series) -> tuple[str, str, str]:
             "; ".join(str(row[c]) for c in EXTRACT))
 
 
-def _german_credit() -> pd.DataFrame:
-    """The shipped German Credit CSV (read here, not through data/tables.py, which lists this module's tasks)."""
+def read_german_credit() -> pd.DataFrame:
+    """The shipped German Credit CSV (data/tables.py's built-in reads it through this, too)."""
     with resources.files("fedlora.data").joinpath("builtin/german_credit.csv").open("r", encoding="utf-8") as fh:
         return pd.read_csv(fh)
 
@@ -60,7 +60,7 @@ def _german_credit() -> pd.DataFrame:
 def german_credit_qa() -> pd.DataFrame:
     """1000 records (one per applicant): _chat, prompt, response, task, _line (the CSV line)."""
     records = []
-    for i, row in _german_credit().iterrows():
+    for i, row in read_german_credit().iterrows():
         family, question, answer = _question_and_answer(int(i), row)
         prompt = f"Loan application: {_record_text(row)}\n{question}"
         records.append({"_chat": [{"role": "user", "content": prompt}], "prompt": prompt, "response": answer,

