@@ -90,6 +90,10 @@ def machine_info() -> str:
     cpu = cpu.split(":", 1)[-1].strip() or "unknown"
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    from fedlora.model.precision import cpu_has_fast_bf16
+
+    # Hosts of one name differ: bf16 units decide model.precision=auto and fp32 speed (AVX-512).
+    cpu += f" ({torch.backends.cpu.get_cpu_capability()}, bf16 units: {'yes' if cpu_has_fast_bf16() else 'no'})"
     return (f"- CPU: {cpu}, `nproc` = {nproc}\n- GPU: {gpu}\n- torch {torch.__version__}, "
             f"`torch.get_num_threads()` = {torch.get_num_threads()}\n- fedlora {fedlora.__version__}")
 

@@ -26,10 +26,11 @@ from fedlora import PayloadError, prepare  # noqa: E402
 from fedlora.fl.engine import Simulator  # noqa: E402
 from fedlora.fl.payload import encode  # noqa: E402
 from fedlora.flower.apps import drive  # noqa: E402
-from fedlora.flower.config import config_from_text, config_to_text, node_selection  # noqa: E402
+from fedlora.flower.config import (CONFIG_KEY, config_from_text, config_from_values, config_to_text,  # noqa: E402
+                                   node_selection, run_config_of, run_config_values)
 from fedlora.flower.coordinator import Coordinator  # noqa: E402
 from fedlora.flower.deploy import LocalDeployment, write_app  # noqa: E402
-from fedlora.flower.node import STATE_KEY, Node  # noqa: E402
+from fedlora.flower.node import STATE_KEY, Node, node_for  # noqa: E402
 from fedlora.flower.wire import PAYLOAD, RECORD  # noqa: E402
 from fedlora.jsonio import read_jsonl  # noqa: E402
 
@@ -43,10 +44,12 @@ def _simulate(cfg, method):
 
 
 def _in_process(cfg, drop: frozenset[int] = frozenset()):
-    """The ServerApp's loop with every node in this process; clients in `drop` never reply."""
+    """The ServerApp's loop with every node in this process, all sharing one Site (one model, as
+    in a Ray actor of Flower's simulation); clients in `drop` never reply."""
     coord = Coordinator(cfg)
     n = cfg.partition.num_clients
-    nodes = {i: Node(cfg, {"partition-id": i, "num-partitions": n}) for i in range(n)}
+    nodes = {i: node_for(run_config_values(cfg), {"partition-id": i, "num-partitions": n}) for i in range(n)}
+    assert len({id(node.site) for node in nodes.values()}) == 1
     states = {i: RecordDict() for i in nodes}
 
     def exchange(contents, kind, group):
@@ -79,7 +82,10 @@ def assert_same(a: dict, b: dict):
                                           ("flora", ("fl.rounds=4", "fl.client_fraction=0.5")),
                                           ("fedit", ("dp.enabled=true", "dp.noise_multiplier=0.5")),
                                           ("fedit", ("dp.enabled=true", "fl.client_fraction=0.5", "fl.rounds=4")),
-                                          ("fedit", ("robust.aggregator=[trimmed_mean]", "robust.f=1"))])
+                                          ("fedit", ("robust.aggregator=[trimmed_mean]", "robust.f=1")),
+                                          ("cuma", ("cuma.experts=3", "cuma.profile_source=client")),
+                                          ("cuma", ("cuma.experts=3", "cuma.profile_source=client",
+                                                    "fl.method_args={cuma: {personal_routers: true}}"))])
 def test_in_process_equals_simulator(method, extra):
     """The Coordinator runs the simulator's own ServerRuntime: sampling (Poisson with DP), schema
     validation, and the combine chain (DP-FedAvg, robust chains) give bitwise the simulator's run."""
@@ -88,12 +94,14 @@ def test_in_process_equals_simulator(method, extra):
     coord, _, states = _in_process(cfg)
     assert_same(coord.state.server, ref.state.server)
     assert_rows_match(coord.rows, ref.rows)
-    if method in ("fedsa", "fedtree"):  # B (FedSA) or the lambdas (FedTreeLoRA) stayed on the node
+    if method in ("fedsa", "fedtree") or "personal_routers" in str(extra):
+        # B (FedSA), the lambdas (FedTreeLoRA) or CuMA's personal routers stayed on the node
         for cid, state in states.items():
             assert STATE_KEY in state
             kept = Node(cfg, {"partition-id": cid}).load_state(state)
             assert_same(kept, ref.state.clients[cid])
-            assert method == "fedsa" or any(k.endswith("mix_logit") for k in kept), "no mixed layer"
+            assert method != "fedtree" or any(k.endswith("mix_logit") for k in kept), "no mixed layer"
+            assert method != "cuma" or (kept and all("cuma_router_" in k or k.startswith("cuma_proj") for k in kept))
 
 
 def test_flora_node_that_missed_rounds_gets_the_whole_delta():
@@ -181,11 +189,75 @@ def test_node_config_and_app_folder(tmp_path):
         node_selection({"partition-id": 3}, cfg)
     cid, own = node_selection({"partition-id": 1, "data-path": "/data/site.csv"}, cfg)
     assert cid == 1 and own.data.source == "/data/site.csv" and own.partition.num_clients == 1
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "generation_tiny", "robustness_tiny", "decentralized_tiny",
+                                  "concordia_tiny"])
+def test_one_run_config_key_per_hyperparameter_round_trips(name):
+    from fedlora.config import load_config
+
+    cfg = load_config(name)
+    values = run_config_values(cfg)
+    assert all(isinstance(v, (bool, int, float, str)) for v in values.values())  # TOML scalars only
+    assert values["fl.rounds"] == cfg.fl.rounds and values["lora.target_modules"] == "[" + ", ".join(cfg.lora.target_modules) + "]"
+    assert config_from_values(values) == cfg
+    assert run_config_of({CONFIG_KEY: config_to_text(cfg)}) == cfg  # an app written by an earlier fedlora
+
+
+def test_app_folder_follows_flowers_layout_and_takes_run_config_overrides(tmp_path):
+    """The app folder: pyproject.toml with one [tool.flwr.app.config] key per hyperparameter,
+    components in the folder's own editable server_app.py/client_app.py. Flower's own functions
+    (flatten_dict, parse_config_args, fuse_dicts: what `flwr run --run-config` does) read it and
+    apply overrides; fedlora builds the overridden RunConfig from what Flower hands over."""
+    import importlib.util
     import tomllib
 
-    app = tomllib.loads((write_app(cfg, tmp_path / "app", tmp_path / "out") / "pyproject.toml").read_text())
-    assert app["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedlora.flower.apps:client_app"
-    assert config_from_text(app["tool"]["flwr"]["app"]["config"]["fedlora-config"]) == cfg
+    from flwr.clientapp import ClientApp
+    from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+    from flwr.serverapp import ServerApp
+
+    cfg = make_config()
+    folder = write_app(cfg, tmp_path / "app", tmp_path / "out")
+    project = tomllib.loads((folder / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedlora_app.server_app:app",
+                                                            "clientapp": "fedlora_app.client_app:app"}
+    defaults = flatten_dict(project["tool"]["flwr"]["app"]["config"])
+    assert config_from_values(defaults) == cfg and defaults["output-dir"] == str((tmp_path / "out").absolute())
+    overrides = parse_config_args(['fl.rounds=6 fl.method="fedsa" train.lr=0.01 lora.target_modules="[q_proj, k_proj]"'])
+    got = run_config_of(fuse_dicts(defaults, overrides))
+    assert (got.fl.rounds, got.fl.method, got.train.lr, got.lora.target_modules) == (6, "fedsa", 0.01, ["q_proj", "k_proj"])
+    assert got.model == cfg.model and got.data == cfg.data
+    for module, kind in (("server_app", ServerApp), ("client_app", ClientApp)):
+        spec = importlib.util.spec_from_file_location(module, folder / "fedlora_app" / f"{module}.py")
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        assert isinstance(loaded.app, kind)
+    from fedlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fl.roundz"):
+        config_from_values({**defaults, "fl.roundz": 3})
+    with pytest.raises(ConfigError, match="fl.rounds"):
+        config_from_values({**defaults, "fl.rounds": "many"})
+
+
+def test_node_cache_is_keyed_on_model_and_config_not_partition(monkeypatch):
+    """One process answering for several partitions (a Ray actor of Flower's simulation) prepares
+    the model and data once; another config prepares anew (and drops the previous model)."""
+    from fedlora.flower import node as node_module
+
+    calls = []
+    real = node_module.prepare
+    monkeypatch.setattr(node_module, "prepare", lambda c: calls.append(c) or real(c))
+    monkeypatch.setattr(node_module, "_SITES", {})
+    monkeypatch.setattr(node_module, "_NODES", {})
+    cfg = make_config()
+    values = run_config_values(cfg)
+    nodes = [node_for(values, {"partition-id": i, "num-partitions": 3}) for i in (0, 1, 2, 1, 0)]
+    assert len(calls) == 1 and nodes[0] is nodes[4] and nodes[1] is nodes[3]
+    assert [n.cid for n in nodes[:3]] == [0, 1, 2] and len({id(n.site) for n in nodes}) == 1
+    assert nodes[0].load_seconds > 0 and nodes[1].load_seconds == 0  # preparation reported once
+    node_for(run_config_values(make_config("train.lr=0.01")), {"partition-id": 0})
+    assert len(calls) == 2 and len(node_module._SITES) == 1
 
 
 def test_site_with_its_own_csv(tmp_path):
@@ -210,7 +282,7 @@ def test_cli_writes_the_app(tmp_path):
     from fedlora.cli import main
 
     assert main(["flower", "app", "tiny", "--out", str(tmp_path / "app"), "--set", "fl.rounds=3"]) == 0
-    assert "rounds: 3" in (tmp_path / "app" / "pyproject.toml").read_text()
+    assert "\nfl.rounds = 3\n" in (tmp_path / "app" / "pyproject.toml").read_text()
 
 
 def test_unsupported_settings_fail_early():
@@ -271,3 +343,17 @@ def test_killed_supernode_run_completes_without_it(tmp_path):
     assert servers[1]["replies"] == 1 and not servers[1]["skipped"]
     assert [r["client"] for r in rows if r.get("split") == "test"] == [0]
     assert load_file(str(out / "adapters" / "global" / "adapter_model.safetensors"))
+
+
+def test_cli_flower_refusals(tmp_path, capsys):
+    """Flag combinations that cannot work fail before any process starts, saying why."""
+    from fedlora.cli import main
+
+    cases = [(["flower", "local", "tiny", "--resume"], "give its working folder as --out"),
+             (["flower", "local", "tiny", "--resume", "--out", str(tmp_path / "nothing")], "holds no checkpoints"),
+             (["flower", "simulate", "tiny", "--secure"], "a simulation has no transport"),
+             (["flower", "simulate", "tiny", "--resume", "--out", str(tmp_path)], "continues a `fedlora flower local` run")]
+    for args, message in cases:
+        assert main(args) != 0
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()

@@ -25,7 +25,7 @@ import fedlora.fl.payload as payload_module  # noqa: E402
 from fedlora import PayloadError  # noqa: E402
 from fedlora.fl.payload import decode, encode  # noqa: E402
 from fedlora.flower import apps  # noqa: E402
-from fedlora.flower.config import CONFIG_KEY, MIN_NODES_KEY, OUTPUT_KEY, TIMEOUT_KEY, config_to_text  # noqa: E402
+from fedlora.flower.config import MIN_NODES_KEY, OUTPUT_KEY, TIMEOUT_KEY, run_config_values  # noqa: E402
 from fedlora.flower.coordinator import Coordinator  # noqa: E402
 from fedlora.flower.node import Node  # noqa: E402
 from fedlora.flower.wire import PAYLOAD, RECORD  # noqa: E402
@@ -129,7 +129,7 @@ def hostile_client(coord: Coordinator, cid: int) -> tuple[Handler, dict[int, str
 
 
 def run_over(grid: FakeGrid, cfg, out) -> Coordinator:
-    return apps.run(grid, {CONFIG_KEY: config_to_text(cfg), TIMEOUT_KEY: 5.0, MIN_NODES_KEY: len(grid.handlers),
+    return apps.run(grid, {**run_config_values(cfg), TIMEOUT_KEY: 5.0, MIN_NODES_KEY: len(grid.handlers),
                            OUTPUT_KEY: str(out)})
 
 

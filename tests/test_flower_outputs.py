@@ -33,8 +33,8 @@ from fedlora import prepare  # noqa: E402
 from fedlora.fl.checkpoint import CheckpointError, checkpoint_rounds  # noqa: E402
 from fedlora.fl.engine import Simulator  # noqa: E402
 from fedlora.flower import apps  # noqa: E402
-from fedlora.flower.config import (CONFIG_KEY, MIN_NODES_KEY, OUTPUT_KEY, RESUME_KEY, TIMEOUT_KEY,  # noqa: E402
-                                   config_to_text)
+from fedlora.flower.config import (MIN_NODES_KEY, OUTPUT_KEY, RESUME_KEY, TIMEOUT_KEY,  # noqa: E402
+                                   run_config_values)
 from fedlora.flower.deploy import LocalDeployment  # noqa: E402
 from fedlora.jsonio import jsonable, read_jsonl  # noqa: E402
 from fedlora.model.lora import _PREFIX  # noqa: E402
@@ -64,7 +64,7 @@ def grid_of(cfg, die_at_round: int | None = None) -> FakeGrid:
 
 def run_in(folder: Path, cfg, resume: bool = False, die_at_round: int | None = None):
     grid = grid_of(cfg, die_at_round)
-    return apps.run(grid, {CONFIG_KEY: config_to_text(cfg), TIMEOUT_KEY: 5.0, MIN_NODES_KEY: len(grid.handlers),
+    return apps.run(grid, {**run_config_values(cfg), TIMEOUT_KEY: 5.0, MIN_NODES_KEY: len(grid.handlers),
                            OUTPUT_KEY: str(folder), RESUME_KEY: resume})
 
 
@@ -104,6 +104,27 @@ def test_run_directory_is_the_simulators(tmp_path):
                             "number_format": cfg.data.number_format, "held_by": "2 nodes (the server saw no rows)"}
     card = (folder / "README.md").read_text()
     assert "held by 2 nodes" in card and "| client | train |" not in card  # no invented row counts
+
+
+def test_generation_task_on_flower_equals_the_simulator(tmp_path):
+    """data.task=generation through the real ServerApp loop: nodes train on response tokens and
+    score their own test prompts by greedy generation (ROUGE, exact match, perplexity), and the
+    server's run directory carries them, all equal to the simulator's. Generated text stays on
+    the nodes: no samples.jsonl on the server's side."""
+    from fedlora.config import load_config
+
+    cfg = load_config("generation_tiny", [*OVERRIDES, "fl.rounds=2", "fl.eval_every=1", f"output_dir={tmp_path}"])
+    run_in(tmp_path / "flower", cfg)
+    ref = Simulator(prepare(cfg), "fedit").run()
+    assert_same(peft_tensors(tmp_path / "flower"), ref.state.server)
+    rows = read_jsonl(tmp_path / "flower" / "metrics.jsonl")
+    tests = [r for r in strip_times(rows) if r.get("split") == "test"]
+    assert tests == [r for r in strip_times(ref.rows) if r.get("split") == "test"] and len(tests) == 4
+    assert {"rouge1", "rougeL", "exact_match", "perplexity"} <= set(tests[0])
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    expected = summarize(ref.rows, "fedit", False)
+    assert {k: summary[k] for k in expected} == jsonable(expected)
+    assert not (tmp_path / "flower" / "samples.jsonl").exists()
 
 
 def test_loads_with_peft(tmp_path):

@@ -294,6 +294,11 @@ def test_fedit_run_end_to_end_writes_metrics_and_samples(tmp_path):
     assert len(samples) == 4 * cfg.eval.samples
     assert {s["set"] for s in samples} == {"client 0 test", "client 1 test", "client 2 test", "global test"}
     assert all(s["method"] == "fedit" and s["round"] == 2 and "generation" in s for s in samples)
+    # The untrained model's answers on the same prompts, beside the trained ones.
+    untrained = [json.loads(x) for x in (run_dir / "zero-shot-samples.jsonl").read_text().splitlines()]
+    assert sorted((s["set"], s["prompt"], s["reference"]) for s in untrained) == sorted(
+        (s["set"], s["prompt"], s["reference"]) for s in samples)
+    assert all(s["method"] == "zero-shot" and s["round"] == 0 and s["seed"] == cfg.seed for s in untrained)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "rougeL" in summary["clients"] and "accuracy" not in summary["clients"]
     table = (run_dir / "comparison.md").read_text()
@@ -301,7 +306,7 @@ def test_fedit_run_end_to_end_writes_metrics_and_samples(tmp_path):
     card = (run_dir / "adapters" / "global" / "README.md").read_text()
     assert "| rougeL |" in card and "greedy answers" in card and "classes:" not in card and "| accuracy |" not in card
     page = (run_dir / "report.html").read_text(encoding="utf-8")
-    assert "client ROUGE-L" in page and "sample answers" in page
+    assert "client ROUGE-L" in page and "sample answers" in page and "zero-shot (untrained model)" in page
     # Same config, same seed: the same scores and the same answers.
     again = run(replace(cfg, run_name=None), quiet=True)
     assert _metric_rows(again / "metrics.jsonl") == rows

@@ -83,9 +83,14 @@ def _partition_info(fed: Federation) -> list[dict]:
     return info
 
 
-def zero_shot(fed: Federation) -> list[dict]:
+ZERO_SHOT_SAMPLES = "zero-shot-samples.jsonl"
+"""A generation run's zero-shot answers (the untrained model's), one line each, every seed."""
+
+
+def zero_shot(fed: Federation, samples_to: Path | None = None) -> list[dict]:
     """The base model before any training (B = 0 makes the adapter a no-op), calibrated as the
-    trained rows are (eval.calibration), so the comparison stays fair."""
+    trained rows are (eval.calibration), so the comparison stays fair. On a generation task the
+    sample answers are appended to `samples_to` when given (method zero-shot, round 0, the seed)."""
     model = fed.model
     load_adapter_state(model, init_adapter_state(model, fed.cfg.seed))
     scorer = make_scorer(fed)  # a generation task: ROUGE, exact match, perplexity; no calibration
@@ -96,6 +101,10 @@ def zero_shot(fed: Federation) -> list[dict]:
     if fed.cfg.eval.global_test and len(fed.global_test):
         rows.append({"client": "global", "split": "global_test",
                      **scorer.metrics(fed.global_test, scorer.global_set([c for c in cals if c is not None]))})
+    if samples_to is not None and scorer.samples:
+        with Path(samples_to).open("a", encoding="utf-8") as out:
+            out.write(jsonl_lines([{"method": "zero-shot", "round": 0, "seed": fed.cfg.seed, **x}
+                                   for x in scorer.samples]))
     return [{**r, "round": 0, "method": "zero-shot"} for r in rows]
 
 
@@ -209,11 +218,12 @@ def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> t
     return run_dir, fed
 
 
-def _references(fed: Federation) -> dict[str, list[dict]]:
-    """Zero-shot and classical-baseline rows, as configured (computed once per partition)."""
+def _references(fed: Federation, run_dir: Path | None = None) -> dict[str, list[dict]]:
+    """Zero-shot and classical-baseline rows, as configured (computed once per partition); with
+    `run_dir`, a generation task's zero-shot answers go to its zero-shot-samples.jsonl."""
     rows: dict[str, list[dict]] = {}
     if fed.cfg.eval.zero_shot:
-        rows["zero-shot"] = zero_shot(fed)
+        rows["zero-shot"] = zero_shot(fed, None if run_dir is None else run_dir / ZERO_SHOT_SAMPLES)
     if fed.cfg.eval.baseline != "none" and fed.table.kind != "generation":  # a classifier needs labels
         rows[f"baseline-{fed.cfg.eval.baseline}"] = baseline(fed)
     return rows
@@ -227,7 +237,7 @@ def run(cfg: RunConfig, quiet: bool = False, fed: Federation | None = None) -> P
     """
     method_class(cfg.fl.method)  # fail on a bad name before loading anything
     run_dir, fed = _start(cfg, cfg.fl.method, quiet, fed)
-    rows = _references(fed)
+    rows = _references(fed, run_dir)
     rows[cfg.fl.method] = run_method(fed, cfg.fl.method, run_dir, quiet=quiet,
                                      zero_shot_rows=rows.get("zero-shot")).rows
     write_comparison([rows], run_dir, quiet=quiet)
@@ -316,7 +326,7 @@ def run_per_seed(cfg: RunConfig, kind: str, jobs: list[Job], seeds: list[int] | 
     per_seed: list[dict[str, list[dict]]] = []
     for seed in seeds:
         fed = reseed(cfg, seed, fed)
-        rows = _references(fed)
+        rows = _references(fed, run_dir)
         for label, method, change in jobs:
             job_fed = fed if change is None else replace(fed, cfg=change(fed.cfg))
             rows[label] = run_method(job_fed, method, run_dir / f"{label}-seed{seed}", quiet=quiet, seed=seed,

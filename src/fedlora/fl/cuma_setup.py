@@ -36,10 +36,13 @@ from fedlora.model.lora import adapter_state
 log = logging.getLogger("fedlora")
 
 
-def sync_cuma(fed, method, seed: int, fresh: bool = True) -> dict[str, torch.Tensor]:
+def sync_cuma(fed, method, seed: int, fresh: bool = True,
+              client_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Attach (method uses CuMA) or remove CuMA on `fed.model`; CuMA's initial tensors, or {}.
 
-    `fresh=False` keeps a CuMA layer already attached with the same config (a run continuing)."""
+    `fresh=False` keeps a CuMA layer already attached with the same config (a run continuing).
+    `client_ids`: the federation-wide id of each of `fed.clients` (a Flower node with its own
+    table is client 0 of its own federation but partition i of the run; 'client' profiles name i)."""
     model, cfg = fed.model, fed.cfg
     if getattr(method, "model_layer", None) != "cuma":
         detach_cuma(model)
@@ -52,21 +55,22 @@ def sync_cuma(fed, method, seed: int, fresh: bool = True) -> dict[str, torch.Ten
         ctl = attach_cuma(model, cfg.cuma, seed=seed)
         ctl.aux_mode, ctl.aux_batch = "inject", cfg.train.batch_size
         if cfg.cuma.use_profile and cfg.cuma.experts > 1:
-            set_profile_lookup(model, _cached_profiles(fed))
+            set_profile_lookup(model, _cached_profiles(fed, client_ids))
     return {k: v for k, v in adapter_state(model).items() if "cuma_" in k}
 
 
-def _cached_profiles(fed) -> PromptProfiles:
+def _cached_profiles(fed, client_ids: list[int] | None = None) -> PromptProfiles:
     """One lookup per Federation and profile setting: encoding every row's profile is the slow part."""
     cuma = fed.cfg.cuma
-    key = (cuma.profile_source, tuple(cuma.profile_columns), cuma.client_profile)
+    ids = list(client_ids) if client_ids is not None else list(range(len(fed.clients)))
+    key = (cuma.profile_source, tuple(cuma.profile_columns), cuma.client_profile, tuple(ids))
     cache = fed.__dict__.setdefault("_cuma_profiles", {})
     if key not in cache:
-        cache[key] = _profiles(fed)
+        cache[key] = _profiles(fed, ids)
     return cache[key]
 
 
-def _profiles(fed) -> PromptProfiles:
+def _profiles(fed, client_ids: list[int]) -> PromptProfiles:
     cuma = fed.cfg.cuma
     source, columns = cuma.profile_source, list(cuma.profile_columns)
     if source == "columns" and not columns:
@@ -85,7 +89,7 @@ def _profiles(fed) -> PromptProfiles:
         return [profile_text(frame.iloc[int(r)], columns) for r in rows]
 
     parts = []  # (prompt ids, profile texts)
-    for cid, client in enumerate(fed.clients):
+    for cid, client in zip(client_ids, fed.clients):
         for split in ("train", "val", "test"):
             parts.append((getattr(client, split).prompt_ids, texts(client.rows[split], cid)))
     if source == "columns":

@@ -1,6 +1,7 @@
 """The Flower apps: `server_app` (runs on the SuperLink's side) and `client_app` (on each SuperNode).
 
-Both are thin: the ServerApp drives a `Coordinator` over Flower's Grid (Message API), the
+Both are thin (the app folder's server_app.py and client_app.py register the functions below,
+`serve` and `query`/`train`/`evaluate`): the ServerApp drives a `Coordinator` over Flower's Grid (Message API), the
 ClientApp hands each message to this process's `Node`. Message types used:
   query     server -> every node: which partition are you, how many training rows?
   train     server -> sampled nodes: the method's download; reply: the method's upload
@@ -31,32 +32,26 @@ from fedlora.report.progress import round_line
 
 log = logging.getLogger("fedlora")
 
-client_app = ClientApp()
+def query(msg: Message, context: Context) -> Message:
+    """A node's answer to `query`: the partition it holds and its training rows."""
+    return Message(node_for(context.run_config, context.node_config).identify(), reply_to=msg)
 
 
-@client_app.query()
-def _query(msg: Message, context: Context) -> Message:
-    node = node_for(context.run_config, context.node_config)
-    return Message(node.identify(), reply_to=msg)
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context) -> Message:
+    """A node's local round: the server's download in, the method's upload out."""
     node = node_for(context.run_config, context.node_config)
     return Message(node.train(msg.content, context.state), reply_to=msg)
 
 
-@client_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context) -> Message:
+    """A node's scores of the adapter the server sent, on its own test split."""
     node = node_for(context.run_config, context.node_config)
     return Message(node.evaluate(msg.content, context.state), reply_to=msg)
 
 
-server_app = ServerApp()
-
-
-@server_app.main()
-def _main(grid: Grid, context: Context) -> None:
+def serve(grid: Grid, context: Context) -> None:
+    """The ServerApp's main: the whole run (`run`), logging one line per round; a failure is also
+    written to the output folder, where the launcher waits for it."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "httpcore", "transformers", "peft", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -68,6 +63,16 @@ def _main(grid: Grid, context: Context) -> None:
             Path(str(out)).mkdir(parents=True, exist_ok=True)
             (Path(str(out)) / ERROR_FILE).write_text(traceback.format_exc(), encoding="utf-8")
         raise
+
+
+# The apps as objects too (`fedlora.flower.apps:server_app`, `:client_app`), for a pyproject that
+# names them directly; `fedlora flower app` writes editable server_app.py/client_app.py instead.
+client_app = ClientApp()
+client_app.query()(query)
+client_app.train()(train)
+client_app.evaluate()(evaluate)
+server_app = ServerApp()
+server_app.main()(serve)
 
 
 def _send_and_receive(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.3) -> list[Message]:

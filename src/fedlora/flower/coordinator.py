@@ -31,7 +31,8 @@ from fedlora.flower.intake import (base_version_of, check_identity, informative,
 from fedlora.flower.node import check_supported
 from fedlora.flower.wire import RECORD, blob_of, pack
 from fedlora.model import load_model, wrap_lora
-from fedlora.model.lora import init_adapter_state
+from fedlora.model.cuma import attach_cuma, cuma_controller
+from fedlora.model.lora import adapter_state, init_adapter_state
 
 log = logging.getLogger("fedlora")
 
@@ -50,7 +51,12 @@ class Coordinator:
         self.method = build_method(cfg.fl.method, method_options(cfg, cfg.fl.method))
         check_supported(cfg, self.method)
         model = fed.model if fed is not None else server_model(cfg)
-        initial = init_adapter_state(model, cfg.seed)
+        if getattr(self.method, "model_layer", None) == "cuma" and cuma_controller(model) is None:
+            # CuMA's experts and routers, drawn as the simulator draws them; the server never runs
+            # the model, so no profiles (those are the nodes' data).
+            attach_cuma(model, cfg.cuma, seed=cfg.seed)
+        initial = {**init_adapter_state(model, cfg.seed),
+                   **{k: v for k, v in adapter_state(model).items() if "cuma_" in k}}
         n = cfg.partition.num_clients
         # The server knows no node's data size: example counts are capped at fl.max_examples.
         self.server = ServerRuntime(cfg, self.method, initial, n, cfg.seed)

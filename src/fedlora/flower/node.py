@@ -8,9 +8,11 @@ node keeps between rounds (the method's per-client state, e.g. FedSA-LoRA's B) l
 `context.state` as safetensors bytes, so it never leaves the node and survives the per-message
 ClientApp processes Flower spawns.
 
-Per process the prepared `Node` is cached: with `--isolation subprocess` (the default) Flower
+Per process the preparation (`Site`: model load, data) is cached on the run config and the node's
+data selection, not on its partition id: with `--isolation subprocess` (the default) Flower
 starts one ClientApp process per message, so the base model is loaded once per message there;
-in-process callers (tests, `--isolation process` servers that reuse the process) load it once.
+SuperNodes with `--isolation process`, in-process callers (tests) and the Ray actors of Flower's
+simulation engine (each answering for many partition ids) load it once.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from flwr.app import ConfigRecord, RecordDict
 from fedlora.config import RunConfig
 from fedlora.fl.client_runtime import ClientRuntime
 from fedlora.fl.client_tree import layer_index
+from fedlora.fl.cuma_setup import sync_cuma
 from fedlora.fl.federation import prepare
 from fedlora.fl.methods import build_method, method_options
 from fedlora.fl.payload import PayloadError, decode, encode, spec_of
-from fedlora.fl.scoring import Scorer
+from fedlora.fl.scoring import make_scorer
 from fedlora.fl.state import RunState
 from fedlora.fl.streams import Streams
 from fedlora.fl.timer import Timer
@@ -46,37 +49,59 @@ STATE_KEY = "fedlora.client-state"
 BASE_KEY = "fedlora.base"
 """context.state key: FLoRA's merged base delta D on this node and its version (merges so far)."""
 
-_NODES: dict[tuple[str, str], Node] = {}
+class Site:
+    """What every client id served by this process shares: the prepared base model and data of
+    one (config, data selection), the method, the client runtime, the scorer. With built-in data
+    that is the whole federation, so one Site serves every partition a process is asked for: a
+    Ray actor of Flower's simulation answers for many partition ids and loads the model once."""
 
-
-class Node:
-    """The prepared federation seen from client `cid`, and the client runtime that runs its rounds."""
-
-    def __init__(self, cfg: RunConfig, node_config: Mapping[str, object]):
+    def __init__(self, cfg: RunConfig, data_cfg: RunConfig, own_cid: int = 0):
         started = time.perf_counter()
-        self.cid, data_cfg = node_selection(node_config, cfg)
-        self.cfg = cfg
+        self.cfg, self.own_table = cfg, data_cfg is not cfg
         self.fed = prepare(data_cfg)
         self.method = build_method(cfg.fl.method, method_options(cfg, cfg.fl.method))
         check_supported(cfg, self.method)
-        self.seed = cfg.seed
+        # CuMA: its experts and routers on the model, every row's profile from this node's data
+        # (fl/cuma_setup.py); its initial tensors join the LoRA ones. {} for other methods.
+        self.layer_initial = sync_cuma(self.fed, self.method, cfg.seed,
+                                       client_ids=[own_cid] if self.own_table else None)
         self.client = ClientRuntime(self.fed.model, self.method, cfg, Streams(cfg.seed), self.fed.pad_id)
-        # Own table: it is client 0 of a one-client federation.
-        self.splits = self.fed.clients[0] if data_cfg is not cfg else self.fed.clients[self.cid]
-        self.num_examples = len(self.splits.train)
-        self.scorer = Scorer(self.fed)
+        self.scorer = make_scorer(self.fed)  # label scores for tables, ROUGE/EM/perplexity for generation
         self.adapter_spec = _with_external_branches(
             spec_of({k: v.detach() for k, v in adapter_parameters(self.fed.model).items()}))
         self.moves_base = self.method.overrides("base_delta")
-        self._w0: dict | None = None  # the base weights FLoRA's delta is added to
+        # FLoRA: the base weights each node's delta is added to, taken before any node moved them
+        # (nodes of one Site share the model, and each sets W = W0 + D from its own D per message).
+        self.w0: dict | None = None
         self.load_seconds = time.perf_counter() - started
+
+
+_SITES: dict[tuple[str, str], Site] = {}
+_NODES: dict[tuple[str, str, int], Node] = {}
+
+
+class Node:
+    """The prepared federation seen from client `cid`, and the client runtime that runs its rounds.
+    `site`: the shared preparation (built here when not given)."""
+
+    def __init__(self, cfg: RunConfig, node_config: Mapping[str, object], site: Site | None = None):
+        self.cid, data_cfg = node_selection(node_config, cfg)
+        self.site = site if site is not None else Site(cfg, data_cfg, self.cid)
+        self.cfg, self.seed = cfg, cfg.seed
+        self.fed, self.method, self.client = self.site.fed, self.site.method, self.site.client
+        self.scorer, self.adapter_spec, self.moves_base = self.site.scorer, self.site.adapter_spec, self.site.moves_base
+        # Own table: it is client 0 of a one-client federation.
+        self.splits = self.fed.clients[0] if self.site.own_table else self.fed.clients[self.cid]
+        self.num_examples = len(self.splits.train)
+        # Preparation time is reported by the first node of a Site only (0 for the others).
+        self.load_seconds, self.site.load_seconds = self.site.load_seconds, 0.0
 
     # --- persistent state ------------------------------------------------------------------
     def load_state(self, state: RecordDict) -> dict:
         if STATE_KEY in state:
             tensors, _ = decode(blob_of(state[STATE_KEY]))
             return tensors
-        initial = init_adapter_state(self.fed.model, self.seed)
+        initial = {**init_adapter_state(self.fed.model, self.seed), **self.site.layer_initial}
         return self.method.init_client(self.cid, initial)
 
     def save_state(self, state: RecordDict, client: dict) -> None:
@@ -143,6 +168,8 @@ class Node:
         load_adapter_state(self.fed.model, adapter)
         # eval.calibration: fitted on this node's own validation split, on the node (fl/scoring.py)
         metrics = self.scorer.metrics(self.splits.test, self.scorer.calibration_set(self.splits.val))
+        if self.scorer.samples:  # generation: the answers are the node's own data; none is kept or sent
+            self.scorer.samples.clear()
         # JSON keeps NaN (e.g. AUROC on a one-class test set) exactly as the simulator reports it.
         return RecordDict({RECORD: ConfigRecord({"partition-id": self.cid, "metrics": json.dumps(metrics),
                                                  **({} if version is None else {"base-version": version})})})
@@ -170,9 +197,9 @@ class Node:
                              f"sent neither the stack nor the whole delta; restart the run")
         state[BASE_KEY] = ConfigRecord({PAYLOAD: encode({f"{m}.delta": d for m, d in delta.items()},
                                                         {"version": held})})
-        if self._w0 is None:
-            self._w0 = base_weights(self.fed.model, sorted(delta))
-        set_base_weights(self.fed.model, self._w0, delta)
+        if self.site.w0 is None:
+            self.site.w0 = base_weights(self.fed.model, sorted(delta))
+        set_base_weights(self.fed.model, self.site.w0, delta)
         return held
 
     def _base_of(self, state: RecordDict) -> tuple[dict, int]:
@@ -229,19 +256,24 @@ def check_supported(cfg: RunConfig, method) -> None:
         problems.append("train.optimizer_state=keep (optimizer state is not kept on the node yet)")
     if cfg.robust.byzantine > 0 or cfg.robust.momentum is not None:
         problems.append("robust.byzantine / robust.momentum (simulated attackers and worker momentum)")
-    if getattr(method, "model_layer", None) == "cuma":
-        problems.append("'cuma' (the node does not attach CuMA's experts and routers yet; run it in the simulator)")
-    if cfg.data.task == "generation":
-        problems.append("data.task=generation (the node scores label likelihoods only; run it in the simulator)")
     if problems:
         raise ValueError("not supported under Flower: " + "; ".join(problems))
 
 
 def node_for(run_config: Mapping[str, object], node_config: Mapping[str, object]) -> Node:
-    """The cached Node of this process for (run config, node config)."""
+    """The cached Node of this process for (run config, node config).
+
+    The expensive part, the Site (model load and data preparation), is keyed on what it depends
+    on: the run config and this node's data selection, never the partition id. One Site is kept
+    per process (a new run's config drops the previous model)."""
     cfg = run_config_of(run_config)
-    key = (config_to_text(cfg), json.dumps(dict(node_config), sort_keys=True, default=str))
+    cid, data_cfg = node_selection(node_config, cfg)
+    site_key = (config_to_text(cfg), "" if data_cfg is cfg else config_to_text(data_cfg))
+    if site_key not in _SITES:
+        _SITES.clear()
+        _NODES.clear()
+        _SITES[site_key] = Site(cfg, data_cfg, cid)
+    key = (*site_key, cid)
     if key not in _NODES:
-        _NODES.clear()  # one run at a time per process; drop the previous run's model
-        _NODES[key] = Node(cfg, node_config)
+        _NODES[key] = Node(cfg, node_config, _SITES[site_key])
     return _NODES[key]

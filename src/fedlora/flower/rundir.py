@@ -43,7 +43,7 @@ def open_run_dir(folder: Path, cfg: RunConfig, resume: bool) -> Checkpoint | Non
     (folder / ERROR_FILE).unlink(missing_ok=True)  # a previous attempt's failure, not this run's
     if resume:
         ckpt = load_latest(folder / "checkpoints")
-        check_checkpoint_config(ckpt, cfg, "the run config's fedlora-config")
+        check_checkpoint_config(ckpt, cfg, "the run config")
         log.info("fedlora: resuming %s after round %d of %d", folder, ckpt.round, cfg.fl.rounds)
         return ckpt
     if checkpoint_rounds(folder / "checkpoints") or (folder / "metrics.jsonl").exists():

@@ -26,8 +26,9 @@ def _cut(text: str, width: int = 240) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _samples(run: Path, h) -> str:
-    path = run / "samples.jsonl"
+def _samples(run: Path, h, path: Path | None = None, name: str | None = None) -> str:
+    """The first answers of `path` (default: the run's samples.jsonl), titled with `name`."""
+    path = path or run / "samples.jsonl"
     if not path.is_file():
         return ""
     rows = []
@@ -40,7 +41,7 @@ def _samples(run: Path, h) -> str:
                      h.esc(s.get("reference", "")), h.esc(s.get("generation", "")), h.fmt(s.get("rougeL"))])
     if not rows:
         return ""
-    return (f"<details><summary>sample answers: {h.esc(run.name)}</summary>"
+    return (f"<details><summary>sample answers: {h.esc(name or run.name)}</summary>"
             + h.table(["set", "prompt", "reference", "generated", "ROUGE-L"], rows) + "</details>")
 
 
@@ -59,5 +60,7 @@ def generation_parts(run_dir: Path, table: list[dict], per_seed: list, subs: lis
         parts += [h.svg(charts.methods_by_round(per_seed, m), f"{m} by round, per method")
                   for m in ("rougeL", "exact_match")]
     parts.append(h.png(run_dir / "comparison.png", "final ROUGE-L by method"))
+    # The untrained model's answers first (experiment.ZERO_SHOT_SAMPLES), then each run's.
+    parts.append(_samples(run_dir, h, run_dir / "zero-shot-samples.jsonl", "zero-shot (untrained model)"))
     parts += [_samples(run, h) for run in subs]
     return parts
