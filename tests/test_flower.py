@@ -85,7 +85,9 @@ def assert_same(a: dict, b: dict):
                                           ("fedit", ("robust.aggregator=[trimmed_mean]", "robust.f=1")),
                                           ("cuma", ("cuma.experts=3", "cuma.profile_source=client")),
                                           ("cuma", ("cuma.experts=3", "cuma.profile_source=client",
-                                                    "fl.method_args={cuma: {personal_routers: true}}"))])
+                                                    "fl.method_args={cuma: {personal_routers: true}}")),
+                                          ("cuma", ("cuma.experts=3", "cuma.profile_source=client",
+                                                    "fl.method_args={cuma: {expert_weights: routing_mass}}"))])
 def test_in_process_equals_simulator(method, extra):
     """The Coordinator runs the simulator's own ServerRuntime: sampling (Poisson with DP), schema
     validation, and the combine chain (DP-FedAvg, robust chains) give bitwise the simulator's run."""

@@ -19,19 +19,32 @@ import numpy as np
 import yaml
 
 from fedlora.config import RunConfig, load_config
-from fedlora.fl.checkpoint import Checkpoint, CheckpointError, load_latest, restore_state
+from fedlora.fl.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_latest,
+    restore_state,
+)
 from fedlora.fl.engine import RunResult, RunState, Simulator
 from fedlora.fl.federation import Federation, prepare
 from fedlora.fl.gossip import GossipSimulator
 from fedlora.fl.methods import build_method, method_class, method_options
 from fedlora.fl.preflight import preflight
 from fedlora.fl.scoring import make_scorer
+from fedlora.fl.sources import (
+    GLOBAL_PREFIX,
+    global_tests,
+    is_multi,
+    partition_info,
+    tables_of,
+    tag_tasks,
+)
 from fedlora.jsonio import jsonl_lines
 from fedlora.jsonio import write_json as _write_json
 from fedlora.model.export import save_adapters
 from fedlora.model.lora import init_adapter_state, load_adapter_state
-from fedlora.report.progress import RoundProgress
 from fedlora.report.html import write_report
+from fedlora.report.progress import RoundProgress
 from fedlora.report.summary import summarize, write_comparison
 from fedlora.report.trackers import open_trackers
 from fedlora.train.baseline import classical_baseline
@@ -70,10 +83,12 @@ def reseed(cfg: RunConfig, seed: int, fed: Federation | None) -> Federation:
         return prepare(cfg)
     if fed.cfg == cfg:
         return fed
-    return prepare(cfg, model=fed.model, tokenizer=fed.tokenizer, table=fed.table)
+    return prepare(cfg, model=fed.model, tokenizer=fed.tokenizer, table=tables_of(fed) or fed.table)
 
 
 def _partition_info(fed: Federation) -> list[dict]:
+    if is_multi(fed):  # several sources: every client with its task and source
+        return partition_info(fed)
     classes = fed.table.classes
     info = []
     for client in fed.partition.clients:
@@ -98,9 +113,11 @@ def zero_shot(fed: Federation, samples_to: Path | None = None) -> list[dict]:
     cals = [scorer.calibration_set(c.val, cf) for c in fed.clients]
     rows = [{"client": i, "split": "test", **scorer.metrics(c.test, cal)}
             for i, (c, cal) in enumerate(zip(fed.clients, cals))]
-    if fed.cfg.eval.global_test and len(fed.global_test):
-        rows.append({"client": "global", "split": "global_test",
-                     **scorer.metrics(fed.global_test, scorer.global_set([c for c in cals if c is not None]))})
+    tests = [("global", fed.global_test)] if not is_multi(fed) else global_tests(fed)
+    if fed.cfg.eval.global_test and tests and len(tests[0][1]):
+        cal = scorer.global_set([c for c in cals if c is not None])
+        rows += [{"client": name, "split": "global_test", **scorer.metrics(data, cal)} for name, data in tests]
+    rows = tag_tasks(fed, rows)
     if samples_to is not None and scorer.samples:
         with Path(samples_to).open("a", encoding="utf-8") as out:
             out.write(jsonl_lines([{"method": "zero-shot", "round": 0, "seed": fed.cfg.seed, **x}
@@ -110,6 +127,15 @@ def zero_shot(fed: Federation, samples_to: Path | None = None) -> list[dict]:
 
 def baseline(fed: Federation) -> list[dict]:
     kind = fed.cfg.eval.baseline
+    if is_multi(fed):  # per table source, its clients' ids federation-wide, its global test by task
+        rows, offset = [], 0
+        for task, part in zip(fed.tasks, fed.parts):
+            if part.table.kind != "generation":
+                for r in baseline(part):
+                    c = r["client"]
+                    rows.append({**r, "client": c + offset if isinstance(c, int) else GLOBAL_PREFIX + task, "task": task})
+            offset += len(part.clients)
+        return tag_tasks(fed, rows)
     rows = classical_baseline(fed.table, [c.rows["train"] for c in fed.clients],
                               [c.rows["test"] for c in fed.clients], fed.global_rows, kind, fed.cfg.seed)
     return [{**r, "round": 0, "method": f"baseline-{kind}"} for r in rows]
@@ -214,7 +240,8 @@ def _start(cfg: RunConfig, label: str, quiet: bool, fed: Federation | None) -> t
 
         from fedlora.data import partition_summary
 
-        Console().print(partition_summary(fed.table, fed.partition))
+        for part in fed.parts or [fed]:
+            Console().print(partition_summary(part.table, part.partition))
     return run_dir, fed
 
 
@@ -224,7 +251,8 @@ def _references(fed: Federation, run_dir: Path | None = None) -> dict[str, list[
     rows: dict[str, list[dict]] = {}
     if fed.cfg.eval.zero_shot:
         rows["zero-shot"] = zero_shot(fed, None if run_dir is None else run_dir / ZERO_SHOT_SAMPLES)
-    if fed.cfg.eval.baseline != "none" and fed.table.kind != "generation":  # a classifier needs labels
+    kinds = {p.table.kind for p in fed.parts or [fed]}
+    if fed.cfg.eval.baseline != "none" and kinds != {"generation"}:  # a classifier needs labels
         rows[f"baseline-{fed.cfg.eval.baseline}"] = baseline(fed)
     return rows
 

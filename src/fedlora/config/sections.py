@@ -86,6 +86,10 @@ class DataConfig:
     a value above its `shift_quantile` quantile are held out before partitioning); scored with the
     global adapter as the 'shifted' row (robustness to distribution shift)."""
     shift_quantile: float = 0.8
+    clients: list[dict[str, Any]] | None = None
+    """A federation from several sources, one entry per source: {source, target, columns, task, name,
+    clients (how many clients it holds, default 1), partition: {...}, ...} (config/sources.py,
+    docs/data.md 'Several sources'); `source` and the partition section are then per entry."""
 
 
 @dataclass

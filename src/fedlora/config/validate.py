@@ -61,6 +61,28 @@ def validate(cfg: RunConfig) -> None:
     _validate_eval(cfg)
     _validate_task(cfg)
     validate_cuma(cfg.cuma, cfg.fl.method)
+    _validate_sources(cfg)
+
+
+def _validate_sources(cfg: RunConfig) -> None:
+    """data.clients: every entry (config/sources.py), each source's own config, and the features a
+    federation of several tables cannot take yet."""
+    from fedlora.config.sources import source_specs, spec_config
+
+    if cfg.data.clients is None:
+        return
+    unsupported = [("concordia.enabled", cfg.concordia.enabled, "false"),
+                   ("data.shift_column", cfg.data.shift_column is not None, "null"),
+                   ("fl.method=cuma", cfg.fl.method == "cuma", "another method (cuma profiles read one table)")]
+    for key, bad, fix in unsupported:
+        if bad:
+            raise ConfigError(f"{key} does not apply to a federation of several sources (data.clients) yet; "
+                              f"set {key.split('=')[0]} to {fix}, or use one data.source")
+    for spec in source_specs(cfg):
+        try:
+            validate(spec_config(cfg, spec))
+        except ConfigError as exc:
+            raise ConfigError(f"data.clients[{spec.index}] ({spec.name}): {exc}") from None
 
 
 def _validate_task(cfg: RunConfig) -> None:

@@ -22,11 +22,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedlora.fl.cuma_setup import tracked_routing_mass
 from fedlora.fl.methods import Method
 from fedlora.fl.momentum import momentum_init, momentum_update
 from fedlora.fl.streams import Streams
-from fedlora.model.lora import (adapter_parameters, init_adapter_state, load_adapter_state, rank_scaling,
-                                set_trainable, zero_pad_rank)
+from fedlora.model.lora import (
+    adapter_parameters,
+    init_adapter_state,
+    load_adapter_state,
+    rank_scaling,
+    set_trainable,
+    zero_pad_rank,
+)
 from fedlora.train.batches import EncodedExamples
 from fedlora.train.local import local_train, num_local_steps
 
@@ -69,7 +76,8 @@ class ClientRuntime:
         steps = num_local_steps(self.cfg.train, len(data)) * self.steps_factor
         live = adapter_parameters(model)
         extra = method.extra_loss(live, received)
-        with timer("train"), torch.random.fork_rng(devices=[]), rank_scaling(model, method.client_rank(cid)):
+        with (timer("train"), torch.random.fork_rng(devices=[]), rank_scaling(model, method.client_rank(cid)),
+              tracked_routing_mass(model, getattr(method, "sends_routing_mass", False)) as mass):
             # LoRA dropout draws from torch's global generator; fork it so runs stay independent.
             torch.manual_seed(self.streams.integer("train", round_index, cid, bound=2**31))
             result = local_train(
@@ -81,6 +89,7 @@ class ClientRuntime:
         state.optimizer[cid] = result.optimizer_state
         with timer("swap"):
             trained = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in live.items()}
+        trained.update(mass)  # CuMA with expert_weights=routing_mass: what each expert was used for
         payload, state.clients[cid] = method.upload(trained, state.clients[cid])
         if self.momentum is not None:
             payload = self._with_momentum(state, cid, payload, start)

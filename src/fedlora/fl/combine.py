@@ -169,6 +169,7 @@ def check_composition(cfg, method: Method, side_channels: tuple[SideChannel, ...
                                         ("dp", dp.enabled)) if on]
     if needs_mean and not method.pooled and (not method.mean_aggregation or method.side_channels):
         why = (f"its payload carries side channel(s) {list(method.side_channels)} beside the adapter"
+               + getattr(method, "side_channels_hint", "")
                if method.mean_aggregation else method.not_mean_because
                or "its server step does not start from a weighted mean")
         raise ConfigError(f"{', '.join(needs_mean)} cannot apply to method {method.name!r}: {why}. "

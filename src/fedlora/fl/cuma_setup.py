@@ -20,10 +20,12 @@ prompts), and the global test under 'client', get the mean z of all profiles (ou
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
 from fedlora.config import ConfigError
+from fedlora.fl.methods.cuma import ROUTING_MASS
 from fedlora.model.cuma import (
     attach_cuma,
     cuma_controller,
@@ -101,3 +103,25 @@ def _profiles(fed, client_ids: list[int]) -> PromptProfiles:
         if ts:
             lookup.add(prompt_ids, encoder(ts))
     return lookup
+
+
+@contextmanager
+def tracked_routing_mass(model, on: bool):
+    """Yields a dict that, when the block ends, holds each routed module's routing mass over the
+    block's training forwards: {"routing_mass.<module>": m} with m_e = mean gate of expert e over
+    the non-pad tokens of its router (sums to 1; fl/methods/cuma.py weights B_e by n_i m_ie).
+    Empty when `on` is false or the model has no CuMA layer."""
+    ctl = cuma_controller(model)
+    out: dict[str, torch.Tensor] = {}
+    if not on or ctl is None:
+        yield out
+        return
+    ctl.mass = {}
+    try:
+        yield out
+    finally:
+        mass, ctl.mass = ctl.mass, None
+    for module, group in ctl.module_groups.items():
+        if group in mass:
+            total, tokens = mass[group]
+            out[ROUTING_MASS + module] = (total / max(tokens, 1.0)).to(torch.float32)

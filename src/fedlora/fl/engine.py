@@ -33,18 +33,24 @@ from fedlora.fl.combine import RoundContext, download_reference
 from fedlora.fl.cuma_setup import sync_cuma
 from fedlora.fl.faults import RoundFaults, draw_faults, guarded
 from fedlora.fl.federation import Federation
+from fedlora.fl.generation import write_samples
 from fedlora.fl.methods import ClientUpdate, Method, build_method, method_options
 from fedlora.fl.payload import decode, encode
 from fedlora.fl.robust_round import flip_labels_of
-from fedlora.fl.generation import write_samples
-from fedlora.fl.scoring import make_scorer
 from fedlora.fl.rules import ClientRule
+from fedlora.fl.scoring import make_scorer
 from fedlora.fl.server_runtime import ServerRuntime
+from fedlora.fl.sources import global_tests, tag_clients, tag_tasks
 from fedlora.fl.state import RunResult, RunState
 from fedlora.fl.streams import Streams
 from fedlora.fl.timer import Timer
-from fedlora.model.lora import base_weights, init_adapter_state, load_adapter_state, set_base_weights
 from fedlora.model.cuma import detach_cuma
+from fedlora.model.lora import (
+    base_weights,
+    init_adapter_state,
+    load_adapter_state,
+    set_base_weights,
+)
 from fedlora.model.mixing import attach_mixing, detach_mixing, mixed_layers
 from fedlora.train.batches import EncodedExamples
 from fedlora.train.gen_encode import GenerationExamples
@@ -185,6 +191,8 @@ class Simulator:
                 rows.append({"client": cid, "split": "test", **scorer.metrics(client.test, cal)})
             extra = [("global", "global_test", fed.global_test if self.cfg.eval.global_test else None),
                      ("shifted", "shifted_test", fed.shifted_test)]  # data.shift_column
+            if fed.parts is not None and self.cfg.eval.global_test:  # several sources: one global test per task
+                extra = [(name, "global_test", data) for name, data in global_tests(fed)]
             extra = [(name, split, data) for name, split, data in extra if data is not None and len(data)]
             if global_adapter is not None and extra:
                 load_adapter_state(model, global_adapter)
@@ -192,7 +200,7 @@ class Simulator:
                 for name, split, data in extra:
                     rows.append({"client": name, "split": split, **scorer.metrics(data, cal)})
         self.samples = scorer.samples  # a generation task's sample answers (the latest evaluation)
-        return rows
+        return tag_tasks(fed, rows)
 
     # --- one round ----------------------------------------------------------------------------
     def run_round(self, state: RunState) -> list[dict]:
@@ -204,7 +212,9 @@ class Simulator:
         own copy of the base model.
         """
         try:
-            return self._round(state)
+            rows = self._round(state)
+            # several sources: every client row says its task (evaluate() tagged the scored ones)
+            return tag_clients(rows, self.fed.client_task) if self.fed.client_task else rows
         finally:
             if self._base_backup is not None:
                 set_base_weights(self.fed.model, self._base_backup)

@@ -11,9 +11,19 @@ from __future__ import annotations
 import numpy as np
 
 from fedlora.config import ConfigError, RunConfig
-from fedlora.data import Partition, RowSerializer, Table, load_table, make_partition
+from fedlora.config.sources import source_specs, spec_config
+from fedlora.data import (
+    DataError,
+    Partition,
+    RowSerializer,
+    Table,
+    load_table,
+    make_partition,
+)
 from fedlora.fl.preflight import preflight
-from fedlora.fl.splits import ClientSplits, Federation, cap_rows as _cap  # noqa: F401  (re-exported)
+from fedlora.fl.sources import load_sources
+from fedlora.fl.splits import ClientSplits, Federation  # noqa: F401  (re-exported)
+from fedlora.fl.splits import cap_rows as _cap
 from fedlora.model import load_model, wrap_lora
 from fedlora.train.batches import EncodedExamples
 from fedlora.train.encode import encode_rows
@@ -25,9 +35,13 @@ def _encode(fed_tokenizer, serializer: RowSerializer, table: Table, rows: np.nda
     return encode_rows(fed_tokenizer, serializer, table, table.frame.iloc[rows], max_length, allow_empty=True)
 
 
-def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | None = None) -> Federation:
-    """Load (or reuse) the model and table, partition, serialize and tokenize every split."""
+def prepare(cfg: RunConfig, model=None, tokenizer=None, table: Table | list[Table] | None = None) -> Federation:
+    """Load (or reuse) the model and table, partition, serialize and tokenize every split.
+
+    With data.clients, `table` may be the list of the sources' tables (fl/sources.py)."""
     preflight(cfg)  # config checks that need the fl modules (topology, attack names), before any loading
+    if cfg.data.clients is not None:  # several sources, each its own table and task (fl/sources.py)
+        return prepare_sources(cfg, model, tokenizer, tables=table)
     # The table and partition first: a DataError shows before minutes of model loading.
     table = table if table is not None else load_table(cfg.data, seed=cfg.seed)
     partition = make_partition(table, cfg.partition, cfg.data, seed=cfg.seed)
@@ -77,3 +91,24 @@ def _check_holdout(cfg: RunConfig, partition: Partition) -> bool:
                           f"{ev.max_examples}, but the global-test pool has {pool}; lower eval.max_examples, "
                           "raise data.global_test_fraction, or set eval.global_calibration=pooled_val")
     return True
+
+
+def prepare_sources(cfg: RunConfig, model=None, tokenizer=None, tables: list | None = None) -> Federation:
+    """The joined Federation of every source in data.clients (see the module doc)."""
+    specs = source_specs(cfg)
+    tables = tables if tables is not None else load_sources(cfg)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(cfg.model)
+    if not hasattr(model, "peft_config"):
+        model = wrap_lora(model, cfg.lora, seed=cfg.seed)
+    parts = []
+    for spec, table in zip(specs, tables):
+        try:
+            parts.append(prepare(spec_config(cfg, spec), model=model, tokenizer=tokenizer, table=table))
+        except (DataError, ConfigError) as exc:
+            raise type(exc)(f"data.clients[{spec.index}] ({spec.name}): {exc}") from None
+    clients = [c for part in parts for c in part.clients]
+    empty = EncodedExamples([], np.zeros(0, dtype=np.int64), [])
+    client_task = [s.name for s, part in zip(specs, parts) for _ in part.clients]
+    return Federation(cfg, model, tokenizer, None, None, clients, empty, np.zeros(0, dtype=np.int64),
+                      parts=parts, tasks=[s.name for s in specs], client_task=client_task)

@@ -59,6 +59,10 @@ def make_scorer(fed):
     for generation records; both are used through the same calls."""
     from fedlora.fl.generation import GenerationScorer, is_generation
 
+    if getattr(fed, "parts", None) is not None:  # several sources: each set by its own source's scorer
+        from fedlora.fl.sources import SourcesScorer
+
+        return SourcesScorer(fed)
     return GenerationScorer(fed) if is_generation(fed) else Scorer(fed)
 
 

@@ -29,8 +29,8 @@ class Federation:
     cfg: RunConfig
     model: object
     tokenizer: object
-    table: Table
-    partition: Partition
+    table: Table | None
+    partition: Partition | None
     clients: list[ClientSplits]
     global_test: EncodedExamples
     global_rows: np.ndarray
@@ -39,6 +39,13 @@ class Federation:
     global_holdout: EncodedExamples | None = None
     """eval.global_calibration=holdout: global-test pool rows beyond eval.max_examples (at most that
     many, drawn like the global test), which calibrate the global test and are never scored as test."""
+    parts: list[Federation] | None = None
+    """Several sources (data.clients; fl/sources.py): each source's own Federation. `table` and
+    `partition` are then None, and `clients` are the parts' clients in entry order."""
+    tasks: list[str] | None = None
+    """The parts' task names (several sources)."""
+    client_task: list[str] | None = None
+    """Each client's task name (several sources)."""
 
     @property
     def pad_id(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedlora.config import RunConfig
+from fedlora.config.sources import federation_size
 from fedlora.flower.config import MIN_NODES_KEY, OUTPUT_KEY, RESUME_KEY, TIMEOUT_KEY, run_config_values
 
 _PYPROJECT = """\
@@ -125,7 +126,7 @@ def write_app(cfg: RunConfig, folder: str | Path, output_dir: str | Path | None 
     folder = Path(folder)
     (folder / "fedlora_app").mkdir(parents=True, exist_ok=True)
     launcher = {TIMEOUT_KEY: float(round_timeout),
-                MIN_NODES_KEY: int(min_nodes if min_nodes is not None else cfg.partition.num_clients),
+                MIN_NODES_KEY: int(min_nodes if min_nodes is not None else federation_size(cfg)),
                 OUTPUT_KEY: str(Path(output_dir).absolute()) if output_dir else "", RESUME_KEY: bool(resume)}
     (folder / "pyproject.toml").write_text(_PYPROJECT.format(config="\n".join(_config_lines(cfg, launcher))),
                                            encoding="utf-8")

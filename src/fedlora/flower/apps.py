@@ -23,6 +23,8 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora.config.sources import federation_size
+from fedlora.fl.sources import tag_clients
 from fedlora.flower.config import MIN_NODES_KEY, OUTPUT_KEY, RESUME_KEY, TIMEOUT_KEY, run_config_of
 from fedlora.flower.coordinator import Coordinator, merge_round_rows
 from fedlora.flower.intake import Claims
@@ -170,6 +172,8 @@ def drive(coord: Coordinator, node_of: dict[int, int], exchange: Exchange,
         server = train_rows[-1]
         server["time_flower_round"] = round(time.perf_counter() - started, 4)
         new_rows = merge_round_rows(train_rows, eval_rows, r, coord.method.name)
+        if coord.client_task:  # several sources: a row says its client's task (no global rows: no data here)
+            tag_clients(new_rows, coord.client_task)
         coord.rows += new_rows
         # One line per round in the ServerApp's log (`flwr log`, `flwr run --stream`): the simulator's
         # round line (loss, accuracy when scored, bytes, seconds) and what the server took and refused.
@@ -192,7 +196,7 @@ def run(grid: Grid, run_config) -> Coordinator:
     started_run = time.perf_counter()
     cfg = run_config_of(run_config)
     timeout = float(run_config.get(TIMEOUT_KEY, 600))
-    n = cfg.partition.num_clients
+    n = federation_size(cfg)
     coord = Coordinator(cfg)
     out = str(run_config.get(OUTPUT_KEY) or "")
     folder = Path(out) if out else None

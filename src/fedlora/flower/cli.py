@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from fedlora.config import RunConfig
+from fedlora.config.sources import federation_size
 from fedlora.jsonio import read_jsonl
 
 
@@ -33,7 +34,10 @@ def flower_command(args, cfg: RunConfig) -> Path:
     if args.resume and not (Path(args.out) / "output" / "checkpoints").is_dir():
         raise ValueError(f"--resume: {Path(args.out) / 'output'} holds no checkpoints of a run to continue")
     workdir = Path(args.out or Path(cfg.output_dir) / f"flower-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.clients is not None and args.clients != cfg.partition.num_clients:
+    if args.clients is not None and args.clients != federation_size(cfg):
+        if cfg.data.clients is not None:
+            raise ValueError(f"--clients {args.clients}: this config's data.clients lists {federation_size(cfg)} "
+                             "clients; change the entries' clients, not --clients")
         from dataclasses import replace
 
         cfg = replace(cfg, partition=replace(cfg.partition, num_clients=args.clients))
@@ -64,7 +68,7 @@ def _deploy(args, cfg: RunConfig, workdir: Path, simulation: bool) -> tuple[Path
                          secure=args.secure, simulation=simulation, cpus_per_client=args.cpus_per_client) as dep:
         if simulation:
             print(f"SuperLink on 127.0.0.1:{dep.port} with Flower's simulation engine (Ray): "
-                  f"{cfg.partition.num_clients} virtual SuperNodes, {args.cpus_per_client} CPU(s) per ClientApp "
+                  f"{federation_size(cfg)} virtual SuperNodes, {args.cpus_per_client} CPU(s) per ClientApp "
                   f"actor; logs in {workdir / 'logs'}")
         else:
             print(f"SuperLink on 127.0.0.1:{dep.port}, {dep.num_nodes} SuperNodes; logs in {workdir / 'logs'}")

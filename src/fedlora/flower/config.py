@@ -16,7 +16,11 @@ Node config (`flower-supernode --node-config "..."`), one of:
   partition-id=i data-path="x.csv"  this site's own table; it is all of this client's data
                                     (split into train/val/test by the config's fractions; the
                                     data.global_test_fraction share is held out and unused, since
-                                    prepare() cannot yet encode an empty global test set)
+                                    prepare() cannot yet encode an empty global test set). With
+                                    data.clients, the file is read as client i's entry says (its
+                                    target, columns, task)
+With data.clients (several sources), client ids run over the entries (config/sources.py) and
+N is the sum of the entries' clients.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Mapping
 import yaml
 
 from fedlora.config import ConfigError, RunConfig, apply_overrides, from_dict, validate
+from fedlora.config.sources import federation_size, is_multi_source, own_source_config
 
 CONFIG_KEY = "fedlora-config"
 OUTPUT_KEY = "output-dir"
@@ -126,14 +131,16 @@ def node_selection(node_config: Mapping[str, object], cfg: RunConfig) -> tuple[i
     if "partition-id" not in node_config:
         raise ValueError('node config needs partition-id, e.g. --node-config "partition-id=0 num-partitions=3"')
     cid = int(node_config["partition-id"])
-    n = cfg.partition.num_clients
+    n = federation_size(cfg)
+    size = "the clients of data.clients add up to " if is_multi_source(cfg) else "the run config has partition.num_clients="
     if not 0 <= cid < n:
-        raise ValueError(f"partition-id={cid} but the run config has partition.num_clients={n}")
+        raise ValueError(f"partition-id={cid} but {size}{n}")
     path = node_config.get("data-path")
-    if path:  # this site's own table: one 'partition' holding all of it
-        return cid, config_from_text(config_to_text(cfg), [f"data.source={path}", "partition.num_clients=1",
-                                                           "partition.scheme=iid"])
+    if path:  # this site's own table (with data.clients, read as its entry says): all of it one client
+        own = own_source_config(cfg, cid, str(path))
+        validate(own)
+        return cid, own
     given = node_config.get("num-partitions")
     if given is not None and int(given) != n:
-        raise ValueError(f"num-partitions={given} but the run config has partition.num_clients={n}")
+        raise ValueError(f"num-partitions={given} but {size}{n}")
     return cid, cfg

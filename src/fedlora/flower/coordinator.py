@@ -18,6 +18,7 @@ import logging
 from flwr.app import RecordDict
 
 from fedlora.config import RunConfig
+from fedlora.config.sources import client_tasks, federation_size
 from fedlora.fl.checkpoint import Checkpoint, CheckpointError, restore_state, state_fields
 from fedlora.fl.combine import RoundContext
 from fedlora.fl.federation import Federation
@@ -57,7 +58,8 @@ class Coordinator:
             attach_cuma(model, cfg.cuma, seed=cfg.seed)
         initial = {**init_adapter_state(model, cfg.seed),
                    **{k: v for k, v in adapter_state(model).items() if "cuma_" in k}}
-        n = cfg.partition.num_clients
+        n = federation_size(cfg)
+        self.client_task = client_tasks(cfg)
         # The server knows no node's data size: example counts are capped at fl.max_examples.
         self.server = ServerRuntime(cfg, self.method, initial, n, cfg.seed)
         self.state = RunState(server=self.method.init_server(initial),
@@ -68,14 +70,14 @@ class Coordinator:
         # fell behind (not sampled, dropped) the whole delta instead of one stack.
         self.moves_base = self.method.overrides("base_delta")
         self.base_version = 0
-        self.node_base = dict.fromkeys(range(cfg.partition.num_clients), 0)
+        self.node_base = dict.fromkeys(range(n), 0)
         self.node_rejections: list[tuple[int, str]] = []
         """(Flower node id, reason) of replies rejected before they could be tied to a client (bad
         partition-id claims); counted in the next round's server row."""
 
     @property
     def num_clients(self) -> int:
-        return self.cfg.partition.num_clients
+        return federation_size(self.cfg)
 
     def sample(self, round_index: int) -> list[int]:
         return self.server.sample(round_index)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from fedlora.config import RunConfig
+from fedlora.config.sources import federation_size
 from fedlora.flower.app_folder import write_app
 
 def free_port() -> int:
@@ -59,7 +60,7 @@ class LocalDeployment:
         self.simulation, self.cpus_per_client = simulation, int(cpus_per_client)
         self.workdir = Path(workdir).absolute()
         # 0: a bare SuperLink (simulation: the engine's virtual nodes, no processes of ours)
-        self.num_nodes = 0 if simulation else cfg.partition.num_clients if num_nodes is None else num_nodes
+        self.num_nodes = 0 if simulation else federation_size(cfg) if num_nodes is None else num_nodes
         self.round_timeout = round_timeout
         self.min_nodes = min_nodes
         self.port = free_port()
@@ -140,7 +141,7 @@ class LocalDeployment:
         plays an intruder); `trust_ca=False` leaves out `--root-certificates`, so the node checks
         the server against the system's CAs only, as a client that was never given ca.crt."""
         name = name or f"supernode-{i}"
-        n = self.cfg.partition.num_clients
+        n = federation_size(self.cfg)
         if not self.secure:
             transport = ["--insecure"]
         else:
@@ -242,7 +243,7 @@ class LocalDeployment:
         app = write_app(self.cfg, self.workdir / "app", self.output, self.round_timeout, self.min_nodes, resume)
         engine = []
         if self.simulation:  # virtual SuperNodes, one per client; partition-id i for node i
-            engine = ["--federation-config", f"num-supernodes={self.cfg.partition.num_clients} "
+            engine = ["--federation-config", f"num-supernodes={federation_size(self.cfg)} "
                       f"client-resources-num-cpus={self.cpus_per_client}"]
         submit = self._flwr("run", str(app), "fedlora-local", "--format", "json", *engine)
         (self.workdir / "logs" / "flwr-run.log").write_text(submit.stdout + submit.stderr)

@@ -26,6 +26,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedlora.config import RunConfig
+from fedlora.config.sources import federation_size
 from fedlora.fl.client_runtime import ClientRuntime
 from fedlora.fl.client_tree import layer_index
 from fedlora.fl.cuma_setup import sync_cuma
@@ -126,7 +127,7 @@ class Node:
             check_subset(received, self.adapter_spec)
         self._sync_mixing(received)
         version = self._sync_base(record, received, state)
-        n = self.cfg.partition.num_clients
+        n = federation_size(self.cfg)
         run = RunState(server={}, clients=[{} for _ in range(n)], optimizer=[None] * n)
         run.clients[self.cid] = self.load_state(state)
         timer = Timer()

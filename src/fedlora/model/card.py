@@ -15,14 +15,25 @@ import json
 import math
 from pathlib import Path
 
-from fedlora.model.hub import BUILTIN, EMBEDDED_UPSTREAM as UPSTREAM
+from fedlora.config.sources import source_specs
+from fedlora.model.hub import BUILTIN
+from fedlora.model.hub import EMBEDDED_UPSTREAM as UPSTREAM
 
 _METRICS = ("accuracy", "macro_f1", "auroc")
 _GEN_METRICS = ("rougeL", "rouge1", "exact_match", "perplexity")
 
 
 def data_description(fed) -> dict:
-    """Source, target, classes, feature column names and row counts of a Federation (no rows)."""
+    """Source, target, classes, feature column names and row counts of a Federation (no rows);
+    with several sources (data.clients), one such description per source under `sources`."""
+    if getattr(fed, "parts", None) is not None:
+        out, offset = [], 0
+        for task, part in zip(fed.tasks, fed.parts):
+            d = data_description(part)
+            d["clients"] = [{**c, "client": c["client"] + offset} for c in d["clients"]]
+            out.append({"name": task, **d})
+            offset += len(part.clients)
+        return {"sources": out}
     table, cfg = fed.table, fed.cfg
     source = cfg.data.source
     if Path(source).expanduser().exists():  # a user file: its name, not where it lives
@@ -37,13 +48,22 @@ def data_description(fed) -> dict:
     }
 
 
+def _shown(source: str) -> str:
+    """A source as a card shows it: a file by its name only (no host paths), a built-in by name."""
+    return Path(source).name if Path(source).expanduser().exists() else source
+
+
 def nodes_data_description(cfg, num_clients: int) -> dict:
     """What a server that holds no data (a Flower ServerApp) knows of it: the config's source,
     target and columns, and how many nodes. No row counts, no classes: the nodes hold those."""
     d = cfg.data
-    source = Path(d.source).name if Path(d.source).expanduser().exists() else d.source
-    return {"source": source, "target": d.target, "columns": list(d.columns or []), "number_format": d.number_format,
-            "held_by": f"{num_clients} nodes (the server saw no rows)"}
+    if d.clients is not None:  # several sources: what each entry says, never a row
+        return {"sources": [{"name": s.name, "source": _shown(s.data.source), "target": s.data.target,
+                             "columns": list(s.data.columns or []), "task": s.data.task, "clients": s.clients,
+                             "held_by": f"{s.clients} node(s)"} for s in source_specs(cfg)],
+                "held_by": f"{num_clients} nodes (the server saw no rows)"}
+    return {"source": _shown(d.source), "target": d.target, "columns": list(d.columns or []),
+            "number_format": d.number_format, "held_by": f"{num_clients} nodes (the server saw no rows)"}
 
 
 def card_info(fed, method, summary: dict | None, data: dict | None = None) -> dict:
@@ -176,6 +196,8 @@ def _body(info: dict) -> list[str]:
 
 
 def _data_lines(d: dict) -> list[str]:
+    if "sources" in d:  # several sources: one block each
+        return [line for s in d["sources"] for line in (f"### Task `{s['name']}`", "", *_data_lines(s), "")]
     if "held_by" in d:  # described by a server that never saw the data (nodes_data_description)
         columns = ", ".join(d["columns"]) or "as each node's table has them"
         target = f"`{d['target']}`" if d["target"] else "the source's own label column"

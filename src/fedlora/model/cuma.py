@@ -164,6 +164,11 @@ class CumaController:
         self.aux_batch: int | None = None
         """With 'inject': scale each forward's term by its rows / aux_batch (micro-batching)."""
         self.terms: list[torch.Tensor] = []
+        self.module_groups: dict[str, str] = {}
+        """Adapted module name -> the router group whose gates it uses (routed modules only)."""
+        self.mass: dict[str, list] | None = None
+        """While tracked (fl/cuma_setup.tracked_routing_mass): per router, [sum of g over the non-pad
+        tokens of training forwards, their count]; None: not tracked."""
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._z: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -195,12 +200,17 @@ class CumaController:
             return hit[1]
         z = None if self._z is None else self._z.to(h.device)
         g, selected = route(self.routers[group](h, z), self.cfg.top_k, self.cfg.routing, self.cfg.topk_norm)
+        mask = None if self._mask is None or self._mask.shape != h.shape[:-1] else self._mask
         if self.cfg.balance_loss:
-            mask = None if self._mask is None or self._mask.shape != h.shape[:-1] else self._mask
             term = self.cfg.lambda_aux * balance_loss(g, selected, mask)
             self.terms.append(term)
             if self.aux_mode == "inject" and g.requires_grad:
                 g = _WithAux.apply(g, term * self._scale)
+        if self.mass is not None and g.requires_grad:  # training forwards only, never evaluation
+            m = torch.ones(g.shape[:-1], device=g.device) if mask is None else mask.to(g.device, torch.float32)
+            acc = self.mass.setdefault(group, [torch.zeros(g.shape[-1], dtype=torch.float64), 0.0])
+            acc[0] += (g.detach().float() * m[..., None]).flatten(0, -2).sum(0).double().cpu()
+            acc[1] += float(m.sum())
         self._cache[group] = (h, g)
         return g
 
@@ -256,6 +266,7 @@ def attach_cuma(model, cfg: CumaConfig, seed: int = 0, profile_dim: int | None =
             elif ctl.routers[group].mlp[1].in_features != a.shape[1] + d_route:
                 raise ValueError(f"cuma.router_groups: {leaf} shares a router with modules of another input "
                                  "width; list only modules that read the same input in one group")
+            ctl.module_groups[name] = group
             layer.register_parameter(EXPERT_B, nn.Parameter(torch.zeros(n - 1, *b.shape, device=b.device)))
             if not cfg.shared_a:
                 init = _uniform((n - 1, *a.shape), a.shape[1], gen).to(a.device, a.dtype)

@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from fedlora.jsonio import write_json
-from fedlora.report.columns import CALIBRATED_COLUMNS, GENERATIVE_COLUMNS, calibrated, generative  # noqa: F401  (re-exported)
+from fedlora.report.columns import (  # noqa: F401  (re-exported)
+    CALIBRATED_COLUMNS,
+    GENERATIVE_COLUMNS,
+    calibrated,
+    generative,
+)
+from fedlora.report.tasks import per_seed_tasks, task_rows, tasks_of
 
 METRICS = ("accuracy", "macro_f1", "auroc")
 CALIBRATED = ("ece", "accuracy_cal", "macro_f1_cal", "auroc_cal", "ece_cal", "accuracy_contextual",
@@ -33,9 +39,11 @@ def is_generative(rows: dict | list[dict], prefix: str = "") -> bool:
 def reported(rows: dict | list[dict], prefix: str = "") -> tuple[str, ...]:
     """METRICS, then the CALIBRATED names that a row (or any of `rows`) carries as `prefix + name`."""
     rows = [rows] if isinstance(rows, dict) else rows
-    if is_generative(rows, prefix):
+    gen = GENERATIVE if is_generative(rows, prefix) else ()
+    if gen and not any(prefix + "accuracy" in r for r in rows):
         return GENERATIVE
-    return METRICS + tuple(m for m in CALIBRATED if any(prefix + m in r for r in rows))
+    # several sources may mix tables and generation records: both kinds of metrics, then
+    return METRICS + tuple(m for m in CALIBRATED if any(prefix + m in r for r in rows)) + gen
 
 
 def final_rows(rows: list[dict]) -> list[dict]:
@@ -70,6 +78,12 @@ def summarize(rows: list[dict], method: str, personalized: bool) -> dict:
         "bytes_down": int(sum(r.get("bytes_down", 0) for r in server)),
     }
     summary.update(_gossip_summary(clients, server))
+    tasks = tasks_of(final)
+    if tasks:  # several sources: each task's own summary, and client metrics of every task kind
+        summary["tasks"] = {t: {k: v for k, v in summarize(task_rows(rows, t), method, personalized).items()
+                                if k in ("clients", "global")} for t in tasks}
+        names = dict.fromkeys(m for t in summary["tasks"].values() for m in t["clients"])
+        summary["clients"] = {m: _stats([r.get(m) for r in clients]) for m in names}
     return summary
 
 
@@ -135,7 +149,12 @@ def comparison_markdown(table: list[dict]) -> str:
     follow the raw columns for the clients and the global test. A generation task shows ROUGE-L,
     ROUGE-1, exact match and perplexity instead."""
     if generative(table):
-        return _generative_markdown(table)
+        labelled = any("accuracy" in (part or {}) for row in table for part in (row["clients"], row["global"]))
+        if not labelled:
+            return _generative_markdown(table)
+        # several sources with both task kinds: the label scores, then the generation scores
+        return comparison_markdown([_only(row, METRICS + CALIBRATED) for row in table]) + "\n\n" + \
+            _generative_markdown(table)
     extra = CALIBRATED_COLUMNS if calibrated(table) else ()
     names = (["method", "scored with", "client acc", "client macro-F1", "client AUROC",
               *[f"client {c}" for c, _ in extra], "global acc", "global macro-F1", "global AUROC",
@@ -148,6 +167,12 @@ def comparison_markdown(table: list[dict]) -> str:
                  *[format_stats(g.get(k)) for _, k in extra], f"{row['megabytes']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _only(row: dict, metrics: tuple[str, ...]) -> dict:
+    """A comparison row keeping only `metrics` in its client and global parts."""
+    keep = lambda part: None if part is None else {k: v for k, v in part.items() if k in metrics}  # noqa: E731
+    return {**row, "clients": keep(row["clients"]), "global": keep(row["global"])}
 
 
 def _generative_markdown(table: list[dict]) -> str:
@@ -180,7 +205,14 @@ def write_comparison(per_seed: list[dict[str, list[dict]]], run_dir: Path, quiet
         note += (" cal: eval.calibration fitted on each client's own validation split (global test: "
                  "eval.global_calibration), never on a test split; ECE: expected calibration error, "
                  "10 confidence bins (docs/calibration.md).")
-    (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + "\n", encoding="utf-8")
+    by_task = {t: comparison(cut) for t, cut in per_seed_tasks(per_seed).items()}
+    sections = "".join(f"\n\n## Task `{t}`\n\n" + comparison_markdown(rows) for t, rows in by_task.items())
+    if by_task:  # several sources: the table above is the overall score (mean over tasks)
+        write_json(run_dir / "comparison_tasks.json", by_task)
+        note += (" Several sources: 'global' above is the mean over tasks of each task's global test;"
+                 " each task's own table follows.")
+    (run_dir / "comparison.md").write_text(comparison_markdown(table) + "\n\n" + note + sections + "\n",
+                                           encoding="utf-8")
     from fedlora.report.plots import plot_comparison, plot_methods_by_round
 
     if generative(table):  # a generation task: ROUGE-L and exact match take accuracy's and AUROC's place
