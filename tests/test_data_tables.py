@@ -51,11 +51,15 @@ def test_german_credit_known_answers_and_alias():
 
 def test_list_builtins():
     info = {d["name"]: d for d in list_builtins()}
-    assert set(info) == {"breast-cancer", "german-credit", "german-credit-qa"}
+    assert set(info) == {"breast-cancer", "german-credit", "german-credit-qa", "wine", "penguins"}
     assert info["german-credit-qa"]["features"] == "generation" and info["german-credit-qa"]["rows"] == 1000
     assert info["german-credit-qa"]["classes"] == ["extract", "lookup", "summary"]  # its task families
     assert info["breast-cancer"]["rows"] == 569 and info["breast-cancer"]["features"] == 30
     assert info["german-credit"]["classes"] == ["bad", "good"]
+    assert (info["wine"]["rows"], info["wine"]["features"]) == (178, 13)
+    assert info["wine"]["classes"] == ["cultivar 1", "cultivar 2", "cultivar 3"]
+    assert (info["penguins"]["rows"], info["penguins"]["features"]) == (344, 6)  # `year` dropped
+    assert info["penguins"]["classes"] == ["Adelie", "Chinstrap", "Gentoo"] and "CC0" in info["penguins"]["license"]
     assert all(d["source"] and d["license"] for d in info.values())
 
 

