@@ -235,3 +235,46 @@ def test_shipped_multi_task_config_loads_every_source_offline():
     tables = load_sources(cfg)
     assert [len(t.classes) for t in tables] == [2, 2, 3, 3]
     assert all(t.license for t in tables)
+
+
+# --- in Python: a DataFrame or a datasets.Dataset as a source ----------------------------------
+
+def test_dataframe_and_dataset_sources_run_and_never_reach_the_run_dir(tmp_path):
+    import datasets
+    import yaml
+
+    from fedlora.config.sources import with_sources
+
+    lender = pd.read_csv(_lender_csv(tmp_path / "lender.csv"))
+    before = lender.copy()
+    records = pd.DataFrame({"prompt": [f"What is {a} plus {b}?" for a, b in zip(range(30), range(30, 60))],
+                            "response": [str(a + b) for a, b in zip(range(30), range(30, 60))]})
+    cfg = with_sources(make_config("eval.zero_shot=false", "eval.baseline=none", "eval.max_new_tokens=3",
+                                   "fl.rounds=1", "run_name=frames", output_dir=tmp_path / "runs"),
+                       [{"source": lender, "name": "bank", "target": "default", "columns": ["age", "income", "debt"],
+                         "clients": 2, "partition": {"scheme": "iid"}},
+                        {"source": datasets.Dataset.from_pandas(records), "name": "sums", "task": "generation"}])
+    run_dir = run(cfg, quiet=True)
+    pd.testing.assert_frame_equal(lender, before)  # the caller's frame is untouched
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    labels = [e["source"] for e in saved["data"]["clients"]]
+    assert labels[0].startswith("memory:DataFrame 90x5 sha256:") and labels[1].startswith("memory:Dataset 30x2")
+    rows = _rows(run_dir)
+    assert {r["task"] for r in rows if r.get("split") == "test"} == {"bank", "sums"}
+    assert "income" not in (run_dir / "config.yaml").read_text().split("columns")[0]  # no rows, only names
+    with pytest.raises(DataError, match=r"data.clients\[0\] \(bank\) was a DataFrame given in Python.*to_parquet"):
+        resume(run_dir, quiet=True)  # the rows are not in the run directory: said, not a crash
+
+
+def test_bad_dataframe_source_is_named(tmp_path):
+    from fedlora.config.sources import with_sources
+    from fedlora.flower.config import run_config_values
+
+    frame = pd.DataFrame({"x": [1, 2, 3, 4] * 10, "y": ["a", "b"] * 20})
+    cfg = with_sources(make_config(output_dir=tmp_path / "runs"), [{"source": frame, "target": "label"}])
+    with pytest.raises(DataError, match=r"data.clients\[0\] \(frame-0\): the DataFrame: target column 'label' "
+                                        r"not found; available columns: x, y"):
+        run(cfg, quiet=True)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match=r"data.clients\[0\] is a DataFrame given in Python; Flower nodes read files"):
+        run_config_values(cfg)

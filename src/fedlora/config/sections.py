@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.config.cuma import CumaConfig
+from fedlora.config.typed import frame_label, is_frame
 
 
 @dataclass
@@ -355,4 +356,10 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values only: a source given in Python as a frame is shown by its label (typed.frame_label)."""
+        clients = self.data.clients
+        if clients and any(isinstance(e, dict) and is_frame(e.get("source")) for e in clients):
+            shown = [{**e, "source": frame_label(e["source"])} if isinstance(e, dict) and is_frame(e.get("source"))
+                     else e for e in clients]
+            return dataclasses.asdict(dataclasses.replace(self, data=dataclasses.replace(self.data, clients=shown)))
         return dataclasses.asdict(self)

@@ -8,7 +8,8 @@
         - {source: bank_b.csv, target: default, columns: [age, income, debt]}
         - {source: german-credit-qa, task: generation, clients: 2}
 
-Each entry is one source: a built-in name or a .csv/.parquet/.jsonl path, with its own target,
+Each entry is one source: a built-in name or a .csv/.parquet/.jsonl path (in Python also a pandas
+DataFrame or a Hugging Face `datasets.Dataset`; fl/sources.py), with its own target,
 feature columns, task and any of the per-source data fields below. `clients` (default 1) clients
 are cut from it by its own `partition` (the run's partition section unless the entry gives keys
 of its own; num_clients is always `clients`). Everything else (max_length, prompt_style,
@@ -23,12 +24,13 @@ when the config is loaded, so nothing reads a file or writes a run before all en
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedlora.config.errors import ConfigError
 from fedlora.config.sections import DataConfig, PartitionConfig, RunConfig
-from fedlora.config.typed import from_dict
+from fedlora.config.typed import MEMORY_PREFIX, as_frame, frame_label, from_dict, is_frame
 
 PER_SOURCE = ("source", "target", "columns", "task", "max_rows", "prompt_field", "response_field",
               "system_field", "messages_field", "system_prompt", "number_format", "digits",
@@ -50,6 +52,9 @@ class SourceSpec:
     partition: PartitionConfig
     first_client: int
     """The federation-wide id of this source's first client."""
+    frame: Any = field(default=None, compare=False, repr=False)
+    """In Python, the pandas DataFrame given as the entry's source (a `datasets.Dataset` converted);
+    then data.source is its label (typed.frame_label). None for a path or a built-in name."""
 
     @property
     def clients(self) -> int:
@@ -60,10 +65,12 @@ def is_multi_source(cfg: RunConfig) -> bool:
     return cfg.data.clients is not None
 
 
-def _name(entry: dict, data: DataConfig) -> str:
+def _name(entry: dict, data: DataConfig, index: int) -> str:
     if entry.get("name") is not None:
         return str(entry["name"])
     source = str(data.source)
+    if source.startswith(MEMORY_PREFIX):
+        return f"frame-{index}"
     return Path(source).stem if any(source.lower().endswith(e) for e in (".csv", ".parquet", ".jsonl")) else source
 
 
@@ -87,9 +94,14 @@ def source_specs(cfg: RunConfig) -> list[SourceSpec]:
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; an entry takes: {', '.join(ENTRY_KEYS)} "
                               "(run-wide data fields such as max_length belong in the data section)")
-        if not entry.get("source"):
-            raise ConfigError(f"{where}: no source; give a built-in name (german-credit, breast-cancer, "
-                              "german-credit-qa) or a .csv/.parquet/.jsonl path")
+        source = entry.get("source")
+        if source is None or (isinstance(source, str) and not source.strip()):
+            raise ConfigError(f"{where}: no source; give a built-in name (`fedlora datasets` lists them), "
+                              "a .csv/.parquet/.jsonl path, or in Python a pandas DataFrame")
+        frame = None
+        if is_frame(entry["source"]):  # a DataFrame or Dataset given in Python: its label stands in
+            frame = as_frame(entry["source"])
+            entry = {**entry, "source": frame_label(entry["source"])}
         fields = {k: entry[k] for k in PER_SOURCE if k in entry}
         defaults = {k: getattr(base, k) for k in PER_SOURCE if k not in fields and k not in ("source", "target", "columns")}
         data = from_dict(DataConfig, {**defaults, **fields}, prefix=f"{where}.")
@@ -109,12 +121,12 @@ def source_specs(cfg: RunConfig) -> list[SourceSpec]:
         partition = from_dict(PartitionConfig, part, prefix=f"{where}.partition.")
         if partition.scheme == "column" and not partition.column:
             raise ConfigError(f"{where}.partition: scheme=column needs a column (e.g. {{scheme: column, column: site}})")
-        name = _name(entry, data)
+        name = _name(entry, data, i)
         if name in seen:
             raise ConfigError(f"{where}: task name {name!r} is also data.clients[{seen[name]}]'s; give one of "
                               "them a distinct name (e.g. name: hospital-b), or one entry with clients: 2")
         seen[name] = i
-        specs.append(SourceSpec(i, name, data, partition, first))
+        specs.append(SourceSpec(i, name, data, partition, first, frame))
         first += count
     return specs
 
@@ -153,3 +165,17 @@ def own_source_config(cfg: RunConfig, cid: int, path: str) -> RunConfig:
     data = dataclasses.replace(data, source=path, clients=None)
     return dataclasses.replace(cfg, data=data, partition=dataclasses.replace(cfg.partition, num_clients=1,
                                                                              scheme="iid"))
+
+
+def with_sources(cfg: RunConfig, entries: list[dict]) -> RunConfig:
+    """`cfg` with data.clients set to `entries`, checked; the Python way to give a source as a
+    pandas DataFrame or a `datasets.Dataset`, which no YAML file can hold:
+
+        cfg = with_sources(load_config("tiny"), [{"source": df_bank_a, "target": "default"},
+                                                 {"source": "german-credit", "clients": 2}])
+    """
+    from fedlora.config.validate import validate
+
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, clients=[dict(e) for e in entries]))
+    validate(out)
+    return out

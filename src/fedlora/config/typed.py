@@ -35,6 +35,41 @@ _CHOICES = {
 }
 
 
+MEMORY_PREFIX = "memory:"
+"""How a config file shows a source given in Python as a DataFrame or a Hugging Face Dataset."""
+
+
+def is_frame(value: Any) -> bool:
+    """A pandas DataFrame or a `datasets.Dataset` (anything with `to_pandas`), not a path or name."""
+    return not isinstance(value, (str, bytes)) and (hasattr(value, "to_pandas") or
+                                                     type(value).__name__ == "DataFrame")
+
+
+def as_frame(value: Any):
+    """The pandas DataFrame of an in-memory source."""
+    return value if type(value).__name__ == "DataFrame" else value.to_pandas()
+
+
+def frame_label(value: Any) -> str:
+    """'memory:DataFrame 120x6 sha256:<12 hex>': what config.yaml says of an in-memory source (its
+    rows never go there), with a digest of its rows so a resumed run can tell the same data."""
+    import hashlib
+
+    kept = _LABELS.get(id(value))
+    if kept is not None and kept[0] is value:  # specs are read often; digest each frame once
+        return kept[1]
+    frame = as_frame(value)
+    digest = hashlib.sha256(frame.to_csv(index=False).encode("utf-8")).hexdigest()[:12]
+    label = f"{MEMORY_PREFIX}{type(value).__name__} {frame.shape[0]}x{frame.shape[1]} sha256:{digest}"
+    if len(_LABELS) >= 16:
+        _LABELS.clear()
+    _LABELS[id(value)] = (value, label)
+    return label
+
+
+_LABELS: dict[int, tuple[Any, str]] = {}
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the type hint of `key`; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)

@@ -21,11 +21,14 @@ shared model and tokenizer, and joins them:
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
 from fedlora.config import RunConfig
 from fedlora.config.sources import GLOBAL_PREFIX, source_specs
+from fedlora.config.typed import MEMORY_PREFIX
 from fedlora.data import DataError, load_table
 
 
@@ -33,11 +36,34 @@ def load_sources(cfg: RunConfig) -> list:
     """Every source's Table, in entry order; DataError naming `data.clients[i]` otherwise."""
     tables = []
     for spec in source_specs(cfg):
+        if spec.frame is None and spec.data.source.startswith(MEMORY_PREFIX):
+            raise DataError(f"data.clients[{spec.index}] ({spec.name}) was a DataFrame given in Python "
+                            f"({spec.data.source}); its rows are not kept in the config or run directory. "
+                            "Pass the frame again in Python, or write it to a file (df.to_parquet('x.parquet')) "
+                            "and give that path as the entry's source")
         try:
-            tables.append(load_table(spec.data, seed=cfg.seed))
+            tables.append(load_table(spec.data, seed=cfg.seed) if spec.frame is None else _frame_table(spec, cfg.seed))
         except DataError as exc:
             raise DataError(f"data.clients[{spec.index}] ({spec.name}): {exc}") from None
     return tables
+
+
+def _frame_table(spec, seed: int):
+    """A DataFrame given in Python, read by the very path a file takes (every check and message of
+    data/tables.py): written to a temporary CSV (JSONL for generation records), loaded, removed.
+    Ours: one reader for files and frames rather than a second cleaning path to keep in step."""
+    with tempfile.TemporaryDirectory(prefix="fedlora-frame-") as tmp:
+        generation = spec.data.task == "generation"
+        path = Path(tmp) / ("records.jsonl" if generation else "table.csv")
+        if generation:
+            spec.frame.to_json(path, orient="records", lines=True, force_ascii=False)
+        else:
+            spec.frame.to_csv(path, index=False)
+        try:
+            table = load_table(dataclasses.replace(spec.data, source=str(path)), seed=seed)
+        except DataError as exc:
+            raise DataError(str(exc).replace(str(path), "the DataFrame")) from None
+    return dataclasses.replace(table, name=spec.name, source=spec.data.source)
 
 
 def is_multi(fed) -> bool:

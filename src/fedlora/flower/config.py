@@ -33,6 +33,7 @@ import yaml
 
 from fedlora.config import ConfigError, RunConfig, apply_overrides, from_dict, validate
 from fedlora.config.sources import federation_size, is_multi_source, own_source_config
+from fedlora.config.typed import is_frame
 
 CONFIG_KEY = "fedlora-config"
 OUTPUT_KEY = "output-dir"
@@ -73,6 +74,11 @@ _TEXT = (str, str | None, typing.Optional[str])  # noqa: UP045 (both spellings o
 
 def run_config_values(cfg: RunConfig) -> dict[str, bool | int | float | str]:
     """One Flower run-config value per hyperparameter of `cfg` (a TOML scalar each)."""
+    framed = [i for i, e in enumerate(cfg.data.clients or []) if isinstance(e, dict) and is_frame(e.get("source"))]
+    if framed:
+        raise ConfigError(f"data.clients[{framed[0]}] is a DataFrame given in Python; Flower nodes read files: "
+                          "write it to one (df.to_parquet('site.parquet')) and give that path, or the node's own "
+                          "data-path")
     flat = {}
     for key in _HINTS:
         node = cfg
