@@ -243,7 +243,7 @@ def test_dataframe_and_dataset_sources_run_and_never_reach_the_run_dir(tmp_path)
     import datasets
     import yaml
 
-    from fedlora.config.sources import with_sources
+    from fedlora import with_sources
 
     lender = pd.read_csv(_lender_csv(tmp_path / "lender.csv"))
     before = lender.copy()
@@ -267,7 +267,7 @@ def test_dataframe_and_dataset_sources_run_and_never_reach_the_run_dir(tmp_path)
 
 
 def test_bad_dataframe_source_is_named(tmp_path):
-    from fedlora.config.sources import with_sources
+    from fedlora import with_sources
     from fedlora.flower.config import run_config_values
 
     frame = pd.DataFrame({"x": [1, 2, 3, 4] * 10, "y": ["a", "b"] * 20})

@@ -1,6 +1,6 @@
 """fedlora: federated LoRA fine-tuning of LLMs across institutions that cannot share data."""
 
-from fedlora.config import ConfigError, RunConfig, load_config
+from fedlora.config import ConfigError, RunConfig, load_config, with_sources
 from fedlora.data import DataError, load_table, make_partition
 from fedlora.experiment import compare, resume, run
 from fedlora.fl.engine import Simulator
@@ -14,5 +14,5 @@ from fedlora.version import __version__  # noqa: E402,F401  (one place: report.h
 __all__ = [
     "ConfigError", "DataError", "Federation", "Method", "ModelError", "PayloadError", "RunConfig",
     "Simulator", "available_methods", "build_method", "compare", "export_merged", "load_config", "load_model",
-    "load_table", "make_partition", "prepare", "register", "resume", "run",
+    "load_table", "make_partition", "prepare", "register", "resume", "run", "with_sources",
 ]

@@ -8,7 +8,6 @@ The CLI is a thin layer over these functions; a notebook can call them directly:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,9 +18,11 @@ import numpy as np
 import yaml
 
 from fedlora.config import RunConfig, load_config
-from fedlora.fl.checkpoint import (
+from fedlora.fl.checkpoint import (  # noqa: F401  (config_differences, check_checkpoint_config: re-exported)
     Checkpoint,
     CheckpointError,
+    check_checkpoint_config,
+    config_differences,
     load_latest,
     restore_state,
 )
@@ -271,33 +272,6 @@ def run(cfg: RunConfig, quiet: bool = False, fed: Federation | None = None) -> P
     write_comparison([rows], run_dir, quiet=quiet)
     write_report(run_dir)
     return run_dir  # the CLI prints it once, as `results: DIR`
-
-
-def config_differences(saved: dict, current: dict, default: dict, prefix: str = "") -> list[str]:
-    """Dotted keys where a checkpoint's config and the current one differ. A key the checkpoint
-    lacks (added by a newer fedlora) counts only if the current value is not its default."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        if key not in saved:
-            if key not in default or current[key] != default[key]:
-                out.append(name)
-        elif key not in current:
-            out.append(name)
-        elif isinstance(saved[key], dict) and isinstance(current[key], dict):
-            out += config_differences(saved[key], current[key], default.get(key) or {}, name + ".")
-        elif saved[key] != current[key]:
-            out.append(name)
-    return out
-
-
-def check_checkpoint_config(ckpt: Checkpoint, cfg: RunConfig, where: str) -> None:
-    """CheckpointError unless `ckpt` was written with `cfg` (`where` names it in the message)."""
-    differ = config_differences(ckpt.info.get("config") or {}, json.loads(json.dumps(cfg.to_dict())),
-                                json.loads(json.dumps(RunConfig().to_dict())))
-    if differ:
-        raise CheckpointError(f"{ckpt.path} was written with another config than {where} "
-                              f"(differs in {', '.join(differ[:5])}); restore that config or start a new run")
 
 
 def resume(run_dir: str | Path, quiet: bool = False) -> Path:

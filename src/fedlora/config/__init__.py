@@ -29,6 +29,7 @@ from fedlora.config.loading import (  # noqa: F401  (the underscored helpers sta
     apply_overrides,
     from_dict,
     load_config,
+    with_sources,
 )
 from fedlora.config.sections import (
     ConcordiaConfig,
@@ -50,5 +51,5 @@ from fedlora.config.validate import _validate_dp, _validate_faults, _validate_ro
 __all__ = [
     "ConcordiaConfig", "ConfigError", "DPConfig", "DataConfig", "EvalConfig", "FLConfig", "LoraConfig",
     "ModelConfig", "PartitionConfig", "ReportConfig", "RobustConfig", "RunConfig", "TopologyConfig", "TrainConfig",
-    "apply_overrides", "from_dict", "load_config", "validate",
+    "apply_overrides", "from_dict", "load_config", "validate", "with_sources",
 ]

@@ -8,6 +8,7 @@ keys and wrong types fail with a message naming the key and the valid ones) and 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from importlib import resources
 from pathlib import Path
@@ -109,3 +110,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = from_dict(RunConfig, data)
     validate(cfg)
     return cfg
+
+
+def with_sources(cfg: RunConfig, entries: list[dict]) -> RunConfig:
+    """`cfg` with data.clients set to `entries`, checked; the Python way to give a source as a
+    pandas DataFrame or a `datasets.Dataset`, which no YAML file can hold:
+
+        cfg = with_sources(load_config("tiny"), [{"source": df_bank_a, "target": "default"},
+                                                 {"source": "german-credit", "clients": 2}])
+    """
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, clients=[dict(e) for e in entries]))
+    validate(out)
+    return out

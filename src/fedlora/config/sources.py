@@ -166,16 +166,3 @@ def own_source_config(cfg: RunConfig, cid: int, path: str) -> RunConfig:
     return dataclasses.replace(cfg, data=data, partition=dataclasses.replace(cfg.partition, num_clients=1,
                                                                              scheme="iid"))
 
-
-def with_sources(cfg: RunConfig, entries: list[dict]) -> RunConfig:
-    """`cfg` with data.clients set to `entries`, checked; the Python way to give a source as a
-    pandas DataFrame or a `datasets.Dataset`, which no YAML file can hold:
-
-        cfg = with_sources(load_config("tiny"), [{"source": df_bank_a, "target": "default"},
-                                                 {"source": "german-credit", "clients": 2}])
-    """
-    from fedlora.config.validate import validate
-
-    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, clients=[dict(e) for e in entries]))
-    validate(out)
-    return out

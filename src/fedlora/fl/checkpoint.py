@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedlora.config import RunConfig
 from fedlora.jsonio import tag_nonfinite, untag_nonfinite
 
 log = logging.getLogger("fedlora")
@@ -280,3 +281,30 @@ def restore_state(cls: type, fields: dict[str, Any]) -> Any:
         raise CheckpointError(f"checkpoint holds run-state fields this fedlora does not know: {unknown}; "
                               "resume with the fedlora version that wrote it")
     return cls(**fields)
+
+
+def config_differences(saved: dict, current: dict, default: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where a checkpoint's config and the current one differ. A key the checkpoint
+    lacks (added by a newer fedlora) counts only if the current value is not its default."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if key not in saved:
+            if key not in default or current[key] != default[key]:
+                out.append(name)
+        elif key not in current:
+            out.append(name)
+        elif isinstance(saved[key], dict) and isinstance(current[key], dict):
+            out += config_differences(saved[key], current[key], default.get(key) or {}, name + ".")
+        elif saved[key] != current[key]:
+            out.append(name)
+    return out
+
+
+def check_checkpoint_config(ckpt: Checkpoint, cfg: RunConfig, where: str) -> None:
+    """CheckpointError unless `ckpt` was written with `cfg` (`where` names it in the message)."""
+    differ = config_differences(ckpt.info.get("config") or {}, json.loads(json.dumps(cfg.to_dict())),
+                                json.loads(json.dumps(RunConfig().to_dict())))
+    if differ:
+        raise CheckpointError(f"{ckpt.path} was written with another config than {where} "
+                              f"(differs in {', '.join(differ[:5])}); restore that config or start a new run")

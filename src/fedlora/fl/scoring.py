@@ -62,7 +62,7 @@ def make_scorer(fed):
     if getattr(fed, "parts", None) is not None:  # several sources: each set by its own source's scorer
         from fedlora.fl.sources import SourcesScorer
 
-        return SourcesScorer(fed)
+        return SourcesScorer(fed, make_scorer)
     return GenerationScorer(fed) if is_generation(fed) else Scorer(fed)
 
 

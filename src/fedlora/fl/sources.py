@@ -78,11 +78,10 @@ def tables_of(fed) -> list | None:
 class SourcesScorer:
     """The `Scorer` interface over a multi-source Federation: each set scored by its own part's."""
 
-    def __init__(self, fed):
-        from fedlora.fl.scoring import make_scorer
-
+    def __init__(self, fed, part_scorer):
+        """`part_scorer(part)`: the one-table scorer (fl/scoring.make_scorer, passed in: no cycle)."""
         self.fed = fed
-        self.parts = [make_scorer(p) for p in fed.parts]
+        self.parts = [part_scorer(p) for p in fed.parts]
         self.on = any(s.on for s in self.parts)
         self._part_of: dict[int, int] = {}  # id(set) -> part (sets are the parts' own objects)
         for i, part in enumerate(fed.parts):
