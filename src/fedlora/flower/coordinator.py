@@ -58,7 +58,7 @@ class Coordinator:
             attach_cuma(model, cfg.cuma, seed=cfg.seed)
         initial = {**init_adapter_state(model, cfg.seed),
                    **{k: v for k, v in adapter_state(model).items() if "cuma_" in k}}
-        n = federation_size(cfg)
+        n = self._num_clients = federation_size(cfg)  # once: the property is read per reply
         self.client_task = client_tasks(cfg)
         # The server knows no node's data size: example counts are capped at fl.max_examples.
         self.server = ServerRuntime(cfg, self.method, initial, n, cfg.seed)
@@ -77,7 +77,7 @@ class Coordinator:
 
     @property
     def num_clients(self) -> int:
-        return federation_size(self.cfg)
+        return self._num_clients
 
     def sample(self, round_index: int) -> list[int]:
         return self.server.sample(round_index)

@@ -89,6 +89,7 @@ class Node:
         self.cid, data_cfg = node_selection(node_config, cfg)
         self.site = site if site is not None else Site(cfg, data_cfg, self.cid)
         self.cfg, self.seed = cfg, cfg.seed
+        self.federation_size = federation_size(cfg)  # the run's client count (not this node's data)
         self.fed, self.method, self.client = self.site.fed, self.site.method, self.site.client
         self.scorer, self.adapter_spec, self.moves_base = self.site.scorer, self.site.adapter_spec, self.site.moves_base
         # Own table: it is client 0 of a one-client federation.
@@ -127,7 +128,7 @@ class Node:
             check_subset(received, self.adapter_spec)
         self._sync_mixing(received)
         version = self._sync_base(record, received, state)
-        n = federation_size(self.cfg)
+        n = self.federation_size
         run = RunState(server={}, clients=[{} for _ in range(n)], optimizer=[None] * n)
         run.clients[self.cid] = self.load_state(state)
         timer = Timer()
